@@ -1,0 +1,23 @@
+"""Typed exceptions raised by netshrink, so callers can tell bad input from bugs."""
+
+from __future__ import annotations
+
+
+class NetshrinkError(Exception):
+    """Base class of every error netshrink raises on purpose."""
+
+
+class ConfigError(NetshrinkError, ValueError):
+    """A configuration, target or argument is invalid (raised when it is built)."""
+
+
+class InfeasibleTargetError(ConfigError):
+    """The requested size cannot be met; the message states the feasible range."""
+
+
+class FormatError(NetshrinkError):
+    """A .nsk file is truncated, corrupted, hand-edited or of an unknown version."""
+
+
+class DataError(NetshrinkError):
+    """A data set is missing or malformed (the message says how to install it)."""

@@ -1,0 +1,136 @@
+"""Which layers of a model get compressed, and why the others do not.
+
+Every module with a weight matrix (dim >= 2) is considered. A layer is compressed when its
+type is supported by the method, it is selected (`layers=`), not excluded, has at least
+`min_weights` weights, and its weight is not shared with another module (tied weights stay
+dense, stored once). Each layer left out gets a reason that the report shows.
+
+Per-layer overrides (as in coremltools: by module type, then by name pattern, the more
+specific winning) give method options for matching layers; `None` keeps a layer dense.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from torch import nn
+
+from .errors import ConfigError
+from .layers import CompressedLayer
+
+Selector = Union[str, type, Callable[[str, nn.Module], bool]]
+Selection = Union[Selector, Sequence[Selector], None]
+
+
+@dataclass
+class LayerRef:
+    """A layer chosen for compression: its dotted name, module, and per-layer options."""
+
+    name: str
+    module: nn.Module
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_weights(self) -> int:
+        return self.module.weight.numel()
+
+
+def _matches(sel: Selector, name: str, module: nn.Module) -> bool:
+    if isinstance(sel, str):
+        return fnmatch.fnmatchcase(name, sel)
+    if isinstance(sel, type):
+        return isinstance(module, sel)
+    if callable(sel):
+        return bool(sel(name, module))
+    raise ConfigError(f"layer selector must be a name pattern, a module type or a "
+                      f"callable(name, module), got {sel!r}")
+
+
+def _any_match(selection: Selection, name: str, module: nn.Module) -> bool:
+    if selection is None:
+        return False
+    sels = selection if isinstance(selection, (list, tuple)) else [selection]
+    return any(_matches(s, name, module) for s in sels)
+
+
+_MISSING = object()
+
+
+def override_for(overrides: Mapping[Any, Any] | None, name: str, module: nn.Module) -> Any:
+    """Merged options for a layer: type entries first, then name patterns (which win).
+
+    Returns None when a matching entry says to keep the layer dense, else a dict.
+    """
+    merged: dict[str, Any] = {}
+    if not overrides:
+        return merged
+    keys = sorted(overrides, key=lambda k: 0 if isinstance(k, type) else 1)
+    for key in keys:
+        if _matches(key, name, module):
+            value = overrides[key]
+            if value is None:
+                return None
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"override for {key!r} must be a dict of options or None")
+            merged.update(value)
+    return merged
+
+
+def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Modules that own a weight of dim >= 2 (norm layers, with 1-D weights, are not)."""
+    out = []
+    for name, module in model.named_modules():
+        if isinstance(module, CompressedLayer):
+            continue
+        w = getattr(module, "weight", None)
+        if isinstance(w, nn.Parameter) and w.dim() >= 2 and name:
+            out.append((name, module))
+    return out
+
+
+def select_layers(
+    model: nn.Module,
+    supports: Callable[[nn.Module], str | None],
+    *,
+    layers: Selection = None,
+    exclude: Selection = None,
+    min_weights: int = 1024,
+    overrides: Mapping[Any, Any] | None = None,
+) -> tuple[list[LayerRef], dict[str, str]]:
+    """Split the model's weight layers into those to compress and those kept (reason).
+
+    supports(module) returns None when the method can compress the module, else why not.
+    """
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(name)
+    chosen: list[LayerRef] = []
+    skipped: dict[str, str] = {}
+    for name, module in weight_layers(model):
+        if layers is not None and not _any_match(layers, name, module):
+            skipped[name] = "not selected"
+            continue
+        if _any_match(exclude, name, module):
+            skipped[name] = "excluded"
+            continue
+        reason = supports(module)
+        if reason is not None:
+            skipped[name] = f"unsupported: {reason}"
+            continue
+        tied = [o for o in owners[id(module.weight)] if o != name]
+        if tied:
+            skipped[name] = f"weight tied with {', '.join(tied)} (kept dense, stored once)"
+            continue
+        options = override_for(overrides, name, module)
+        if options is None:
+            skipped[name] = "kept dense by override"
+            continue
+        if module.weight.numel() < min_weights and not options:
+            skipped[name] = f"too small ({module.weight.numel()} < {min_weights} weights)"
+            continue
+        chosen.append(LayerRef(name, module, options))
+    return chosen, skipped

@@ -1,0 +1,179 @@
+"""The library's one k-means: seeded, deterministic, memory-bounded, scalar or vector.
+
+Lloyd's algorithm with k-means++ (or random) initialisation. Distances are computed in
+chunks of rows, so memory is O(chunk x k) whatever the number of points. For scalars
+(d = 1) the nearest centroid is found by binary search between sorted centroid midpoints,
+O(n log k) per iteration, which makes palettizing large layers cheap. `kmeans_batched`
+clusters one point set per layer, each independently seeded. Empty
+clusters are re-seeded with the point farthest from its centroid. Same input and seed ->
+same result, bit for bit. PQF (product quantization) and DKM (initial centroids) build on
+this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_CHUNK = 1 << 15
+
+
+@dataclass
+class KMeansResult:
+    """centroids: (k, d); labels: (n,) int64; inertia: sum of squared distances."""
+
+    centroids: torch.Tensor
+    labels: torch.Tensor
+    inertia: float
+
+
+def _as_points(x: torch.Tensor) -> torch.Tensor:
+    if x.dim() == 1:
+        x = x[:, None]
+    if x.dim() != 2:
+        raise ValueError(f"points must be (n,) or (n, d), got shape {tuple(x.shape)}")
+    return x
+
+
+def assign(x: torch.Tensor, centroids: torch.Tensor, chunk: int = DEFAULT_CHUNK
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centroid (squared L2) of every point: (labels (n,), squared distances (n,))."""
+    x = _as_points(x)
+    centroids = _as_points(centroids)
+    if x.shape[1] == 1:
+        return _assign_scalar(x[:, 0], centroids[:, 0])
+    labels = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
+    dists = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
+    c_sq = (centroids * centroids).sum(1)
+    for s in range(0, x.shape[0], chunk):
+        xc = x[s:s + chunk]
+        # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2, clamped against round-off
+        d = (xc * xc).sum(1, keepdim=True) - 2 * xc @ centroids.T + c_sq
+        best, idx = d.min(1)
+        labels[s:s + chunk] = idx
+        dists[s:s + chunk] = best.clamp_min(0)
+    return labels, dists
+
+
+def _assign_scalar(x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D nearest centroid by binary search on midpoints of the sorted centroids."""
+    sorted_c, order = torch.sort(c)
+    mids = (sorted_c[1:] + sorted_c[:-1]) / 2
+    pos = torch.bucketize(x, mids)  # index into sorted centroids
+    labels = order[pos]
+    return labels, (x - c[labels]) ** 2
+
+
+def _kmeans_plus_plus(x: torch.Tensor, k: int, gen: torch.Generator, chunk: int
+                      ) -> torch.Tensor:
+    """k-means++ seeding (Arthur & Vassilvitskii 2007): each new centre drawn with
+    probability proportional to the squared distance to the nearest chosen centre."""
+    n = x.shape[0]
+    first = int(torch.randint(n, (1,), generator=gen))
+    centroids = [x[first]]
+    closest = _min_dist_to(x, x[first][None], chunk)
+    for _ in range(1, k):
+        total = closest.sum()
+        if total <= 0:  # fewer distinct points than k: duplicate a point
+            idx = int(torch.randint(n, (1,), generator=gen))
+        else:
+            probs = (closest / total).to(torch.float64).cpu()
+            idx = int(torch.multinomial(probs, 1, generator=gen))
+        centroids.append(x[idx])
+        closest = torch.minimum(closest, _min_dist_to(x, x[idx][None], chunk))
+    return torch.stack(centroids)
+
+
+def _min_dist_to(x: torch.Tensor, c: torch.Tensor, chunk: int) -> torch.Tensor:
+    return assign(x, c, chunk)[1]
+
+
+def kmeans(
+    x: torch.Tensor,
+    k: int,
+    *,
+    iters: int = 30,
+    seed: int = 0,
+    init: str | torch.Tensor = "kmeans++",
+    tol: float = 0.0,
+    chunk: int = DEFAULT_CHUNK,
+) -> KMeansResult:
+    """Cluster points x ((n,) or (n, d)) into k centroids with Lloyd's algorithm.
+
+    init: "kmeans++", "random" (k distinct random points, as PQF's code does) or a (k, d)
+    tensor of starting centroids. Stops after `iters` iterations or when no label changes
+    (or the inertia improves by at most `tol`, relative). Computation runs in float32 (or
+    float64 if x is float64) on x's device; sums are accumulated in float64.
+    """
+    x = _as_points(x.detach())
+    if not x.is_floating_point():
+        raise ValueError("k-means needs floating-point points")
+    x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    n, d = x.shape
+    if n == 0 or k < 1:
+        raise ValueError(f"need at least one point and k >= 1 (n={n}, k={k})")
+    gen = torch.Generator().manual_seed(seed)
+    if isinstance(init, torch.Tensor):
+        centroids = _as_points(init.detach()).to(x).clone()
+        if centroids.shape != (k, d):
+            raise ValueError(f"init centroids must be ({k}, {d}), got {tuple(centroids.shape)}")
+    elif init == "kmeans++":
+        centroids = _kmeans_plus_plus(x, k, gen, chunk)
+    elif init == "random":
+        idx = torch.randperm(n, generator=gen)[:k]
+        if k > n:
+            idx = torch.cat([idx, torch.randint(n, (k - n,), generator=gen)])
+        centroids = x[idx.to(x.device)].clone()
+    else:
+        raise ValueError(f"unknown init {init!r}: use 'kmeans++', 'random' or a tensor")
+
+    labels, dists = assign(x, centroids, chunk)
+    inertia = float(dists.sum(dtype=torch.float64))
+    for _ in range(iters):
+        centroids = update_centroids(x, labels, k, centroids, dists)
+        new_labels, dists = assign(x, centroids, chunk)
+        new_inertia = float(dists.sum(dtype=torch.float64))
+        converged = torch.equal(new_labels, labels) or (
+            inertia - new_inertia <= tol * max(inertia, 1e-30))
+        labels, inertia = new_labels, new_inertia
+        if converged:
+            break
+    return KMeansResult(centroids, labels, inertia)
+
+
+def update_centroids(x: torch.Tensor, labels: torch.Tensor, k: int,
+                     previous: torch.Tensor, dists: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+    """Mean of the points assigned to each centroid; empty clusters are re-seeded with
+    the points farthest from their centroids (deterministic), so no codeword is wasted."""
+    x = _as_points(x)
+    sums = torch.zeros(k, x.shape[1], dtype=torch.float64, device=x.device)
+    sums.index_add_(0, labels, x.to(torch.float64))
+    counts = torch.bincount(labels, minlength=k)
+    centroids = previous.clone()
+    filled = counts > 0
+    centroids[filled] = (sums[filled] / counts[filled, None]).to(x.dtype)
+    empty = (~filled).nonzero().flatten()
+    if len(empty):
+        if dists is None:
+            dists = assign(x, previous)[1]
+        far = torch.argsort(dists, descending=True, stable=True)[: len(empty)]
+        centroids[empty[: len(far)]] = x[far]
+    return centroids
+
+
+def kmeans_batched(xs: Sequence[torch.Tensor], ks: Sequence[int] | int, *,
+                   iters: int = 30, seed: int = 0, init: str = "kmeans++",
+                   chunk: int = DEFAULT_CHUNK) -> list[KMeansResult]:
+    """Cluster several point sets (e.g. one per layer), each with its own k.
+
+    Each set gets its own generator seeded with seed + its index, so the result for a set
+    does not depend on which other sets are in the batch.
+    """
+    ks = [ks] * len(xs) if isinstance(ks, int) else list(ks)
+    if len(ks) != len(xs):
+        raise ValueError("one k per point set")
+    return [kmeans(x, k, iters=iters, seed=seed + i, init=init, chunk=chunk)
+            for i, (x, k) in enumerate(zip(xs, ks))]

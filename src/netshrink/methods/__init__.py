@@ -1,0 +1,82 @@
+"""The method registry: every compression method is one `Method` subclass in this folder.
+
+A method says which layers it can compress (`supports`), turns the chosen layers into
+compressed layers under a budget (`encode`), may hook into the shared fine-tuning loop
+(`hooks`), and makes the final, deployable form (`finalize`). Tests loop over `methods()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+from torch import nn
+
+from ..errors import ConfigError
+from ..graph import LayerRef
+from ..layers import compressed_layers
+from ..size import Budget
+
+_REGISTRY: dict[str, Method] = {}
+
+
+class Method:
+    """Base class of a compression method; subclasses set `name` and `config_cls`."""
+
+    name: ClassVar[str] = ""
+    config_cls: ClassVar[type] = object
+    summary: ClassVar[str] = ""
+
+    def make_config(self, config: Any = None, **options: Any) -> Any:
+        """The method's frozen config from an instance and/or keyword options."""
+        if config is not None and not isinstance(config, self.config_cls):
+            raise ConfigError(f"{self.name} expects a {self.config_cls.__name__}, "
+                              f"got {type(config).__name__}")
+        base = config if config is not None else self.config_cls()
+        known = {f.name for f in dataclasses.fields(self.config_cls)}
+        unknown = set(options) - known
+        if unknown:
+            raise ConfigError(f"unknown option(s) for method {self.name!r}: "
+                              f"{', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+        return dataclasses.replace(base, **options) if options else base
+
+    def supports(self, module: nn.Module) -> str | None:
+        """None if this method can compress the module, else the reason it cannot."""
+        raise NotImplementedError
+
+    def encode(self, model: nn.Module, layers: list[LayerRef], budget: Budget, config: Any,
+               *, data: Any = None, seed: int = 0) -> None:
+        """Replace the chosen layers of `model` (in place) with compressed layers."""
+        raise NotImplementedError
+
+    def hooks(self, model: nn.Module, config: Any) -> list[Any]:
+        """Per-step hooks (netshrink.train.StepHook) for fine-tuning; none by default."""
+        return []
+
+    def finalize(self, model: nn.Module, config: Any) -> None:
+        """Make every compressed layer exactly what will be saved."""
+        for _, layer in compressed_layers(model):
+            layer.finalize()
+
+
+def register_method(method: Method) -> Method:
+    """Add a method instance to the registry under its name."""
+    _REGISTRY[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown method {name!r}; available: {', '.join(methods())}")
+    return _REGISTRY[name]
+
+
+def methods() -> list[str]:
+    """Names of all registered methods."""
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def _load_builtin() -> None:
+    from . import kmeans  # noqa: F401  (registers itself)

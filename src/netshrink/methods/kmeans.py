@@ -1,0 +1,146 @@
+"""`kmeans`: post-training scalar palettization, the baseline the four papers beat.
+
+Per layer, k-means with 2^b centroids on the weights (optionally after dividing each
+output channel by its largest magnitude, a per-channel scale as in coremltools'
+`enable_per_channel_scale`); each weight is replaced by its centroid and the indices are
+stored bit-packed at b bits. b comes from the target: a whole-number "Nbit" target gives
+every layer N bits; a fractional bits target, a size or a ratio is met by allocating bits
+per layer (`size.allocate`) with the high-rate estimate D_l(b) = n_l var(w_l) 2^(-2b).
+Fine-tuning (optional) trains codebooks, scales, biases and norms with the codes frozen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..graph import LayerRef
+from ..kmeans import kmeans
+from ..layers import OpSpec, PalettizedLayer, set_module
+from ..size import Budget, Encoding, Option, allocate
+from . import Method, register_method
+
+
+@dataclass(frozen=True)
+class KMeansConfig:
+    """Options of the `kmeans` method (all may be overridden per layer, except iters).
+
+    bits: fixed width for every layer (else from the target); per_channel: divide each
+    output channel by its max |w| first (safe default for depthwise convs and language
+    models, see DESIGN.md); min_bits/max_bits: range the allocator may choose from.
+    """
+
+    bits: int | None = None
+    per_channel: bool = True
+    min_bits: int = 1
+    max_bits: int = 8
+    iters: int = 30
+    codebook_dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        if self.bits is not None and not 1 <= self.bits <= 16:
+            raise ConfigError(f"bits must be in 1..16, got {self.bits}")
+        if not 1 <= self.min_bits <= self.max_bits <= 16:
+            raise ConfigError(f"need 1 <= min_bits <= max_bits <= 16, got "
+                              f"{self.min_bits}..{self.max_bits}")
+        if self.iters < 0:
+            raise ConfigError("iters must be >= 0")
+        if self.codebook_dtype not in ("float16", "bfloat16", "float32"):
+            raise ConfigError(f"codebook_dtype must be float16, bfloat16 or float32, "
+                              f"got {self.codebook_dtype!r}")
+
+
+def _side_bits(module: nn.Module, bits: int, per_channel: bool, dtype: str) -> int:
+    """Stored bits of one palettized layer except its bias (which counts as fixed)."""
+    enc = Encoding.of(dtype)
+    rows = module.weight.shape[0]
+    return (Encoding.codes(bits).nbits(module.weight.numel()) + enc.nbits(2**bits)
+            + (enc.nbits(rows) if per_channel else 0))
+
+
+class KMeansMethod(Method):
+    name = "kmeans"
+    config_cls = KMeansConfig
+    summary = "post-training scalar palettization (k-means per layer), the baseline"
+
+    def supports(self, module: nn.Module) -> str | None:
+        try:
+            OpSpec.from_module(module)
+        except TypeError as e:
+            return str(e)
+        return None
+
+    def _bits_per_layer(self, layers: list[LayerRef], budget: Budget, cfg: KMeansConfig
+                        ) -> list[int]:
+        def opt(ref: LayerRef, key: str) -> Any:
+            return ref.options.get(key, getattr(cfg, key))
+
+        fixed = [opt(r, "bits") for r in layers]
+        target = budget.target
+        if target.kind == "bits" and float(target.value).is_integer():
+            return [f if f is not None else int(target.value) for f in fixed]
+        counts_side = target.kind != "bits"
+        options: list[list[Option]] = []
+        for ref, f in zip(layers, fixed):
+            lo, hi = (f, f) if f is not None else (opt(ref, "min_bits"), opt(ref, "max_bits"))
+            var = float(ref.module.weight.detach().float().var()) if ref.n_weights > 1 else 0.0
+            per_layer = []
+            for b in range(lo, hi + 1):
+                size = (_side_bits(ref.module, b, opt(ref, "per_channel"),
+                                   opt(ref, "codebook_dtype"))
+                        if counts_side else b * ref.n_weights)
+                per_layer.append(Option(b, size, ref.n_weights * var * 2.0 ** (-2 * b)))
+            options.append(per_layer)
+        available = budget.layer_bits()
+        try:
+            picks = allocate(options, available)
+        except ValueError:
+            smallest = sum(min(o.size_bits for o in opts) for opts in options)
+            if counts_side:
+                raise budget.infeasible(smallest, "at the smallest allowed bit widths") from None
+            raise ConfigError(f"target {target} is below the smallest allowed widths "
+                              f"({smallest / budget.n_weights:.2f} bits per weight)") from None
+        return [opts[i].label for opts, i in zip(options, picks)]
+
+    def encode(self, model: nn.Module, layers: list[LayerRef], budget: Budget,
+               config: KMeansConfig, *, data: Any = None, seed: int = 0) -> None:
+        bits = self._bits_per_layer(layers, budget, config)
+        for i, (ref, b) in enumerate(zip(layers, bits)):
+            opts = {k: ref.options.get(k, getattr(config, k))
+                    for k in ("per_channel", "codebook_dtype")}
+            layer = palettize(ref.module, b, per_channel=opts["per_channel"],
+                              codebook_dtype=opts["codebook_dtype"], iters=config.iters,
+                              seed=seed + i)
+            set_module(model, ref.name, layer)
+
+
+def palettize(module: nn.Module, bits: int, *, per_channel: bool = True,
+              codebook_dtype: str = "float16", iters: int = 30, seed: int = 0
+              ) -> PalettizedLayer:
+    """Scalar k-means palettization of one Linear/Conv/Embedding module at `bits` bits.
+
+    The per-channel scale is rounded to its storage dtype before clustering, so the codes
+    are chosen for the scale that will be saved.
+    """
+    op = OpSpec.from_module(module)
+    w = module.weight.detach().float().cpu()
+    rows = w.shape[0]
+    flat = w.reshape(rows, -1)
+    scale = None
+    if per_channel:
+        scale = flat.abs().amax(1)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        scale = scale.to(getattr(torch, codebook_dtype)).float()
+        flat = flat / scale[:, None]
+    result = kmeans(flat.reshape(-1), 2**bits, iters=iters, seed=seed)
+    codes = result.labels.reshape(rows, -1)
+    bias = module.bias.detach().cpu() if getattr(module, "bias", None) is not None else None
+    layer = PalettizedLayer(op, bias, codes, result.centroids, scale, codebook_dtype)
+    return layer.to(module.weight.device)
+
+
+register_method(KMeansMethod())

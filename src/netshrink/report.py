@@ -1,0 +1,87 @@
+"""The per-layer report: bits per weight, SQNR, ratio, codebook usage, and the totals.
+
+All sizes come from the layers' own `stored()` declarations via `size.py`, so the report
+says exactly what `save` writes (plus the file header, shown by `netshrink inspect`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .layers import compressed_layers
+from .size import format_bytes, fp32_bits, model_bits, tensor_bits
+
+
+@dataclass
+class LayerRow:
+    """One compressed layer: what it stores and how well it approximates the original."""
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    n_weights: int
+    stored_bits: int
+    bits_per_weight: float
+    ratio: float
+    sqnr_db: float | None
+    detail: str
+
+
+@dataclass
+class Report:
+    """Whole-model sizes (bytes of stored tensors) and one row per compressed layer."""
+
+    method: str | None
+    target: str | None
+    baseline_bytes: float
+    compressed_bytes: float
+    layers: list[LayerRow] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        return self.baseline_bytes / self.compressed_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["ratio"] = self.ratio
+        return out
+
+    def __str__(self) -> str:
+        head = f"{'layer':<28} {'kind':<8} {'weights':>9} {'bits/w':>7} {'ratio':>7} " \
+               f"{'SQNR dB':>8}  detail"
+        lines = [head, "-" * len(head)]
+        for r in self.layers:
+            sq = "inf" if r.sqnr_db is not None and math.isinf(r.sqnr_db) else (
+                f"{r.sqnr_db:.2f}" if r.sqnr_db is not None else "-")
+            lines.append(f"{r.name[-28:]:<28} {r.kind:<8} {r.n_weights:>9} "
+                         f"{r.bits_per_weight:>7.3f} {r.ratio:>7.1f} {sq:>8}  {r.detail}")
+        for name, why in self.skipped.items():
+            lines.append(f"{name[-28:]:<28} {'dense':<8} {'':>9} {'':>7} {'':>7} {'':>8}  {why}")
+        lines.append("-" * len(head))
+        lines.append(f"method {self.method} target {self.target}: fp32 baseline "
+                     f"{format_bytes(self.baseline_bytes)} ({self.baseline_bytes:.0f} B) -> "
+                     f"{format_bytes(self.compressed_bytes)} ({self.compressed_bytes:.0f} B), "
+                     f"x{self.ratio:.2f}")
+        return "\n".join(lines)
+
+
+def report(model: nn.Module) -> Report:
+    """The report of a compressed (or loaded) model."""
+    info = getattr(model, "netshrink_info", None) or {}
+    stats = info.get("layers", {})
+    rows = []
+    for name, layer in compressed_layers(model):
+        n = math.prod(layer.op.weight_shape)
+        bits = sum(tensor_bits(t, enc) for t, enc in layer.stored().values())
+        sq = stats.get(name, {}).get("sqnr_db")
+        rows.append(LayerRow(name, layer.kind, layer.op.weight_shape, n, bits, bits / n,
+                             32 * n / bits, float(sq) if sq is not None else None,
+                             layer.describe()))
+    baseline = info.get("baseline_bits") or fp32_bits(model)
+    return Report(info.get("method"), info.get("target"), baseline / 8, model_bits(model) / 8,
+                  rows, dict(info.get("skipped", {})))
