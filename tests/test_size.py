@@ -4,8 +4,16 @@ from torch import nn
 
 import netshrink
 from netshrink.errors import ConfigError, InfeasibleTargetError
-from netshrink.size import (Budget, Encoding, Option, allocate, dense_bits, fp32_bits,
-                            model_bits, parse_target)
+from netshrink.size import (
+    Budget,
+    Encoding,
+    Option,
+    allocate,
+    dense_bits,
+    fp32_bits,
+    model_bits,
+    parse_target,
+)
 
 
 @pytest.mark.parametrize("text,kind,value", [

@@ -8,8 +8,7 @@
 """
 
 from .api import compress, sqnr_db
-from .errors import (ConfigError, DataError, FormatError, InfeasibleTargetError,
-                     NetshrinkError)
+from .errors import ConfigError, DataError, FormatError, InfeasibleTargetError, NetshrinkError
 from .fileformat import inspect_file, load, save
 from .kmeans import kmeans
 from .layers import CompressedLayer, PalettizedLayer

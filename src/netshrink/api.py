@@ -22,7 +22,7 @@ from .errors import ConfigError
 from .graph import Selection, select_layers
 from .layers import compressed_layers
 from .methods import get_method
-from .size import Budget, dense_bits, fp32_bits, model_bits, parse_target, format_bytes
+from .size import Budget, dense_bits, format_bytes, fp32_bits, model_bits, parse_target
 from .train import Finetune, fit
 
 logger = logging.getLogger(__name__)

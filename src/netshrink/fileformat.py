@@ -22,7 +22,6 @@ import copy
 import json
 import math
 import os
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
+from .atomic import atomic_write
 from .bitpack import pack_bits, packed_nbytes, unpack_bits
 from .errors import ConfigError, FormatError
 from .layers import CompressedLayer, compressed_layers, set_module
@@ -126,22 +126,6 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> int:
     data = to_bytes(model)
     atomic_write(Path(path), data)
     return len(data)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same folder, fsync, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ---------------------------------------------------------------------------------------

@@ -14,15 +14,15 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from torch import nn
 
 from .errors import ConfigError
 from .layers import CompressedLayer
 
-Selector = Union[str, type, Callable[[str, nn.Module], bool]]
-Selection = Union[Selector, Sequence[Selector], None]
+Selector = str | type | Callable[[str, nn.Module], bool]
+Selection = Selector | Sequence[Selector] | None
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 from .layers import compressed_layers
-from .size import format_bytes, fp32_bits, model_bits, tensor_bits
+from .size import Encoding, format_bytes, fp32_bits, model_bits, tensor_bits
 
 
 @dataclass
@@ -85,3 +85,42 @@ def report(model: nn.Module) -> Report:
     baseline = info.get("baseline_bits") or fp32_bits(model)
     return Report(info.get("method"), info.get("target"), baseline / 8, model_bits(model) / 8,
                   rows, dict(info.get("skipped", {})))
+
+
+def report_from_manifest(manifest: dict[str, Any]) -> Report:
+    """The report of a saved file, read from its manifest alone (no model needed)."""
+    info = manifest.get("info") or {}
+    stats = info.get("layers", {})
+    rows = []
+    total = 0
+    for name, entry in manifest["layers"].items():
+        spec = entry["spec"]
+        shape = tuple(spec["op"]["weight_shape"])
+        n = math.prod(shape)
+        bits = sum(Encoding(enc).nbits(math.prod(tshape))
+                   for enc, tshape, _ in entry["tensors"].values())
+        total += bits
+        detail = ", ".join(f"{t} {enc}{list(s)}" for t, (enc, s, _) in entry["tensors"].items())
+        sq = stats.get(name, {}).get("sqnr_db")
+        rows.append(LayerRow(name, spec["kind"], shape, n, bits, bits / n, 32 * n / bits,
+                             float(sq) if sq is not None else None, detail))
+    total += sum(Encoding(e[1]).nbits(math.prod(e[2])) for e in manifest["dense"] if e[1] != "=")
+    baseline = info.get("baseline_bits") or total
+    return Report(info.get("method"), info.get("target"), baseline / 8, total / 8, rows,
+                  dict(info.get("skipped", {})))
+
+
+def format_table(headers: list[str], rows: list[list[Any]]) -> str:
+    """A plain-text table with right-aligned numbers (used by the demo and benchmarks)."""
+    cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
+                       enumerate(zip(row, widths))) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}"
+    return str(v)

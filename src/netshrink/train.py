@@ -18,7 +18,6 @@ import itertools
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, RandomSampler
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
+from netshrink.atomic import atomic_write
 from netshrink.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -452,39 +452,9 @@ def _epoch_loader(source: Any, batch_size: int, seed: int, epoch: int,
 # --------------------------------------------------------------------------- checkpoints
 
 
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename in ``directory`` durable (a no-op where directories cannot be opened)."""
-    try:
-        handle = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(handle)
-    except OSError:
-        pass
-    finally:
-        os.close(handle)
-
-
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write ``state`` to ``path`` atomically: temp file in the same dir, fsync, os.replace.
-
-    A crash at any point leaves either the previous checkpoint or the new one, never a torn
-    file, and no temp file survives a failed write.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(state, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp_name)
-        raise
-    _fsync_directory(path.parent)
+    """Write ``state`` to ``path`` atomically (a crash leaves the old or the new file)."""
+    atomic_write(path, lambda stream: torch.save(state, stream))
 
 
 def _load_checkpoint(path: Path) -> dict[str, Any]:

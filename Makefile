@@ -1,0 +1,37 @@
+# The two commands a fresh machine needs:  make demo  and  make test.
+# Each creates .venv if missing, installs torch==2.13.0 first (the CPU wheel; an unpinned
+# torch would pull several GB of CUDA packages), then netshrink with its dev extras, and
+# Debian's dataset-fashion-mnist when it is absent.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.netshrink-installed
+FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test lint bench data install
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+data:
+	@test -f $(FMNIST) || { $(SUDO) apt-get update -qq && \
+		$(SUDO) apt-get install -y -qq dataset-fashion-mnist; }
+
+demo: install data
+	$(VENV)/bin/netshrink demo
+
+test: install data
+	$(PY) -m pytest -q -p no:cacheprovider
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
+
+bench: install data
+	$(PY) benchmarks/kmeans_fashion_mnist.py

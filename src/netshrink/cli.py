@@ -1,0 +1,243 @@
+"""The `netshrink` command line: train-baseline, compress, eval, inspect, methods, demo.
+
+Every command is a thin layer over the Python API; errors netshrink raises on purpose are
+printed as one line (exit code 2), anything else is a bug and shows its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, NetshrinkError
+
+logger = logging.getLogger("netshrink")
+
+EPILOG = """examples:
+  netshrink train-baseline resnet20 --data fashion-mnist
+  netshrink compress --model resnet20 --method kmeans --target 3bit --epochs 1 -o r20.nsk
+  netshrink eval r20.nsk --data fashion-mnist
+  netshrink inspect r20.nsk
+  netshrink demo
+"""
+
+
+def _parse_option(text: str) -> tuple[str, Any]:
+    """'key=value' with value parsed as JSON where possible (8 -> int, false -> bool)."""
+    if "=" not in text:
+        raise ConfigError(f"--option takes key=value, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="netshrink", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Compress trained PyTorch networks (kmeans now; PQF, DKM, ALDS, SMH to "
+                    "come) and write a .nsk file whose size is the size reported.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    tb = sub.add_parser("train-baseline", help="train a zoo model and cache its weights",
+                        description="Train a reference model from the zoo on an offline data "
+                                    "set and cache the checkpoint (safetensors) for compress.")
+    tb.add_argument("model", help="zoo model name (see `netshrink methods --zoo`)")
+    tb.add_argument("--data", default="fashion-mnist")
+    tb.add_argument("--epochs", type=int, default=4)
+    tb.add_argument("--lr", type=float, default=0.05)
+    tb.add_argument("--batch-size", type=int, default=128)
+    tb.add_argument("--subset-train", type=int, help="train on a random subset (quick runs)")
+    tb.add_argument("--subset-test", type=int, help="measure on a random test subset")
+    tb.add_argument("--seed", type=int, default=0)
+    tb.add_argument("--checkpoint-dir", help="write a resumable checkpoint every epoch here")
+    tb.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
+
+    c = sub.add_parser("compress", help="compress a model and write a .nsk file",
+                       description="Compress a zoo model (its cached baseline) or a safetensors "
+                                   "checkpoint, optionally fine-tune with distillation, "
+                                   "report and save.")
+    src = c.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="zoo model name; uses its cached baseline "
+                                     "(trained first if missing)")
+    src.add_argument("--checkpoint", help="a safetensors state dict (needs --arch)")
+    c.add_argument("--arch", help="zoo architecture of --checkpoint, e.g. resnet20")
+    c.add_argument("--method", default="kmeans")
+    c.add_argument("--target", default="4bit", help="'1.5MB', '800KB', 'x20' or '3bit'")
+    c.add_argument("--data", default="fashion-mnist")
+    c.add_argument("--epochs", type=int, default=0, help="fine-tuning epochs (0: none)")
+    c.add_argument("--lr", type=float, help="fine-tuning learning rate (default 1e-3, Adam)")
+    c.add_argument("--batch-size", type=int, default=128)
+    c.add_argument("--subset-train", type=int)
+    c.add_argument("--subset-test", type=int)
+    c.add_argument("--min-weights", type=int, default=1024,
+                   help="layers with fewer weights stay dense (default 1024)")
+    c.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="method option, e.g. --option per_channel=false (repeatable)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--checkpoint-dir", help="fine-tuning checkpoints (one per epoch)")
+    c.add_argument("--resume", action="store_true", help="resume fine-tuning from "
+                                                          "--checkpoint-dir")
+    c.add_argument("-o", "--output", required=True, help="the .nsk file to write")
+
+    e = sub.add_parser("eval", help="accuracy and size of a .nsk file",
+                       description="Load a .nsk file of a zoo model and measure its test "
+                                   "accuracy and size.")
+    e.add_argument("file")
+    e.add_argument("--data", default="fashion-mnist")
+    e.add_argument("--subset-test", type=int)
+    e.add_argument("--batch-size", type=int, default=256)
+
+    i = sub.add_parser("inspect", help="the per-layer report of a .nsk file",
+                       description="Print the per-layer report stored in a .nsk file and "
+                                   "how its bytes split into data and header.")
+    i.add_argument("file")
+    i.add_argument("--json", action="store_true", help="print the raw manifest")
+
+    sub.add_parser("methods", help="list compression methods and zoo models")
+
+    d = sub.add_parser("demo", help="the end-to-end demo on Fashion-MNIST",
+                       description="Train (once, cached) a ResNet-20 on Fashion-MNIST, compress "
+                                   "it with kmeans at two targets and print a table.")
+    d.add_argument("--targets", default="4bit,2bit")
+    d.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs per target")
+    d.add_argument("--subset-train", type=int, help="smaller run (quick check)")
+    d.add_argument("--subset-test", type=int)
+    d.add_argument("--out-dir", default="runs/demo")
+    return p
+
+
+def _load_source(args: argparse.Namespace) -> Any:
+    from . import zoo
+    from .errors import DataError
+
+    if args.checkpoint:
+        if not args.arch:
+            raise ConfigError("--checkpoint needs --arch (a zoo architecture name)")
+        from safetensors.torch import load_file
+
+        model = zoo.create(args.arch)
+        model.load_state_dict(load_file(args.checkpoint))
+        return model.eval()
+    try:
+        model, meta = zoo.load_baseline(args.model, args.data)
+    except DataError:
+        logger.info("no cached baseline for %s on %s: training one now (once)", args.model,
+                    args.data)
+        model, meta = zoo.train_baseline(args.model, args.data)
+    logger.info("baseline %s: test accuracy %s", args.model, meta.get("test_accuracy"))
+    return model.eval()
+
+
+def cmd_compress(args: argparse.Namespace) -> None:
+    from . import api, fileformat
+    from .data import get_loaders
+    from .report import report
+    from .train import Finetune, evaluate
+
+    model = _load_source(args)
+    train, test = get_loaders(args.data, batch_size=args.batch_size,
+                              subset_train=args.subset_train, subset_test=args.subset_test,
+                              seed=args.seed)
+    finetune = None
+    if args.epochs > 0:
+        finetune = Finetune(epochs=args.epochs, lr=args.lr, checkpoint_dir=args.checkpoint_dir,
+                            resume=args.resume, seed=args.seed)
+    options = dict(_parse_option(o) for o in args.option)
+    small = api.compress(model, args.method, args.target, data=train, finetune=finetune,
+                         min_weights=args.min_weights, seed=args.seed, **options)
+    size = fileformat.save(small, args.output)
+    print(report(small))
+    print(f"baseline accuracy {evaluate(model, test):.4f}, compressed {evaluate(small, test):.4f}; "
+          f"wrote {args.output} ({size} bytes)")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from torch.utils.data import DataLoader
+
+    from . import fileformat
+    from .data import get_dataset
+    from .report import report
+    from .train import evaluate
+
+    model = fileformat.load(args.file)
+    test = DataLoader(get_dataset(args.data, "test", subset=args.subset_test),
+                      batch_size=args.batch_size)
+    rep = report(model)
+    size = Path(args.file).stat().st_size
+    print(f"{args.file}: accuracy {evaluate(model, test):.4f} on {len(test.dataset)} test "
+          f"images; file {size} bytes (x{rep.baseline_bytes / size:.2f} vs fp32 "
+          f"{rep.baseline_bytes:.0f} B)")
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from .fileformat import inspect_file
+    from .report import report_from_manifest
+
+    info = inspect_file(args.file)
+    if args.json:
+        print(json.dumps(info["manifest"], indent=1, sort_keys=True))
+        return
+    rep = report_from_manifest(info["manifest"])
+    print(rep)
+    data = info["file_bytes"] - info["header_bytes"]
+    print(f"file {info['file_bytes']} B = {data} B stored tensors (accounted) + "
+          f"{info['header_bytes']} B header and manifest")
+
+
+def cmd_methods(_: argparse.Namespace) -> None:
+    from . import zoo
+    from .methods import get_method, methods
+
+    for name in methods():
+        print(f"{name:10s} {get_method(name).summary}")
+    print("zoo models: " + ", ".join(zoo.names()))
+
+
+def cmd_train_baseline(args: argparse.Namespace) -> None:
+    from . import zoo
+
+    _, meta = zoo.train_baseline(args.model, args.data, epochs=args.epochs, lr=args.lr,
+                                 batch_size=args.batch_size, subset_train=args.subset_train,
+                                 subset_test=args.subset_test, seed=args.seed,
+                                 checkpoint_dir=args.checkpoint_dir, resume=args.resume)
+    print(f"{args.model} on {args.data}: test accuracy {float(meta['test_accuracy']):.4f} "
+          f"after {args.epochs} epochs in {float(meta['train_seconds']):.0f} s; cached at "
+          f"{zoo.baseline_path(args.model, args.data)}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo([t.strip() for t in args.targets.split(",") if t.strip()], epochs=args.epochs,
+             subset_train=args.subset_train, subset_test=args.subset_test,
+             out_dir=Path(args.out_dir))
+
+
+COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "inspect": cmd_inspect,
+            "methods": cmd_methods, "train-baseline": cmd_train_baseline, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    start = time.perf_counter()
+    try:
+        COMMANDS[args.command](args)
+    except NetshrinkError as e:
+        print(f"netshrink: error: {e}", file=sys.stderr)
+        return 2
+    logger.debug("done in %.1f s", time.perf_counter() - start)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
