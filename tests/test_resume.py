@@ -51,7 +51,7 @@ def test_killed_finetune_resumes_exactly(tmp_path):
     assert (tmp_path / "ckpt" / "checkpoint.pt").is_file()
     assert not (tmp_path / "out.nsk").exists()
     assert not list((tmp_path / "ckpt").glob("*.tmp"))
-    # kill at step 5: a runthat started over (instead of resuming after epoch 2,
+    # kill at step 5: a run that started over (instead of resuming after epoch 2,
     # at step 12) would die there
     resumed = _run(tmp_path, tmp_path / "ckpt", tmp_path / "out.nsk", True, 5)
     assert resumed.returncode == 0, resumed.stderr
