@@ -69,25 +69,38 @@ def _assign_scalar(x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torc
 def _kmeans_plus_plus(x: torch.Tensor, k: int, gen: torch.Generator, chunk: int
                       ) -> torch.Tensor:
     """k-means++ seeding (Arthur & Vassilvitskii 2007): each new centre drawn with
-    probability proportional to the squared distance to the nearest chosen centre."""
+    probability proportional to the squared distance to the nearest chosen centre.
+
+    Seeds from a random sample of at most max(2^16, 64 k) points (as faiss does), so the
+    k sequential passes stay cheap on layers with millions of weights.
+    """
     n = x.shape[0]
+    limit = max(1 << 16, 64 * k)
+    if n > limit:
+        x = x[torch.randperm(n, generator=gen)[:limit].to(x.device)]
+        n = limit
     first = int(torch.randint(n, (1,), generator=gen))
     centroids = [x[first]]
-    closest = _min_dist_to(x, x[first][None], chunk)
+    closest = _sq_dist_to(x, x[first], chunk)
     for _ in range(1, k):
-        total = closest.sum()
+        cdf = torch.cumsum(closest.to(torch.float64), 0)
+        total = float(cdf[-1])
         if total <= 0:  # fewer distinct points than k: duplicate a point
             idx = int(torch.randint(n, (1,), generator=gen))
         else:
-            probs = (closest / total).to(torch.float64).cpu()
-            idx = int(torch.multinomial(probs, 1, generator=gen))
+            u = float(torch.rand(1, generator=gen, dtype=torch.float64)) * total
+            idx = min(int(torch.searchsorted(cdf, torch.tensor([u], dtype=cdf.dtype,
+                                                                device=cdf.device))), n - 1)
         centroids.append(x[idx])
-        closest = torch.minimum(closest, _min_dist_to(x, x[idx][None], chunk))
+        closest = torch.minimum(closest, _sq_dist_to(x, x[idx], chunk))
     return torch.stack(centroids)
 
 
-def _min_dist_to(x: torch.Tensor, c: torch.Tensor, chunk: int) -> torch.Tensor:
-    return assign(x, c, chunk)[1]
+def _sq_dist_to(x: torch.Tensor, c: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Squared distance of every point to one centre c (d,)."""
+    if x.shape[1] == 1:
+        return (x[:, 0] - c[0]) ** 2
+    return assign(x, c[None], chunk)[1]
 
 
 def kmeans(
@@ -129,6 +142,9 @@ def kmeans(
     else:
         raise ValueError(f"unknown init {init!r}: use 'kmeans++', 'random' or a tensor")
 
+    if d == 1 and iters > 0:
+        centroids = _lloyd_scalar(x[:, 0], centroids, iters, tol)
+        iters = 1  # one generic pass: labels, inertia, re-seeding of any empty cluster
     labels, dists = assign(x, centroids, chunk)
     inertia = float(dists.sum(dtype=torch.float64))
     for _ in range(iters):
@@ -141,6 +157,31 @@ def kmeans(
         if converged:
             break
     return KMeansResult(centroids, labels, inertia)
+
+
+def _lloyd_scalar(x: torch.Tensor, centroids: torch.Tensor, iters: int, tol: float
+                  ) -> torch.Tensor:
+    """Lloyd iterations for scalars on sorted data: each cluster is a contiguous run of the
+    sorted points, found by binary search for the midpoints, and its mean comes from prefix
+    sums, so an iteration costs O(k log n) after one O(n log n) sort. Exact same fixed
+    point as the generic loop; stops when no boundary moves. Empty clusters keep their
+    value here and are re-seeded by the caller's final generic pass."""
+    xs = torch.sort(x.to(torch.float64)).values
+    prefix = torch.cat([xs.new_zeros(1), torch.cumsum(xs, 0)])
+    c = torch.sort(centroids[:, 0].to(torch.float64)).values
+    bounds = None
+    for _ in range(iters):
+        mids = (c[1:] + c[:-1]) / 2
+        inner = torch.searchsorted(xs, mids, right=True)
+        new_bounds = torch.cat([inner.new_zeros(1), inner, inner.new_full((1,), len(xs))])
+        if bounds is not None and torch.equal(new_bounds, bounds):
+            break
+        bounds = new_bounds
+        counts = (bounds[1:] - bounds[:-1]).to(torch.float64)
+        sums = prefix[bounds[1:]] - prefix[bounds[:-1]]
+        c = torch.where(counts > 0, sums / counts.clamp_min(1), c)
+        c = torch.sort(c).values
+    return c.to(centroids.dtype)[:, None]
 
 
 def update_centroids(x: torch.Tensor, labels: torch.Tensor, k: int,
