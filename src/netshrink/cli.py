@@ -140,8 +140,9 @@ def cmd_compress(args: argparse.Namespace) -> None:
     from . import api, fileformat
     from .data import get_loaders
     from .report import report
-    from .train import Finetune, evaluate
+    from .train import Finetune, evaluate, init_distributed, is_main_process
 
+    init_distributed()
     model = _load_source(args)
     train, test = get_loaders(args.data, batch_size=args.batch_size,
                               subset_train=args.subset_train, subset_test=args.subset_test,
@@ -153,6 +154,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
     options = dict(_parse_option(o) for o in args.option)
     small = api.compress(model, args.method, args.target, data=train, finetune=finetune,
                          min_weights=args.min_weights, seed=args.seed, **options)
+    if not is_main_process():
+        return
     size = fileformat.save(small, args.output)
     print(report(small))
     print(f"baseline accuracy {evaluate(model, test):.4f}, compressed {evaluate(small, test):.4f}; "
@@ -203,11 +206,15 @@ def cmd_methods(_: argparse.Namespace) -> None:
 
 def cmd_train_baseline(args: argparse.Namespace) -> None:
     from . import zoo
+    from .train import init_distributed, is_main_process
 
+    init_distributed()
     _, meta = zoo.train_baseline(args.model, args.data, epochs=args.epochs, lr=args.lr,
                                  batch_size=args.batch_size, subset_train=args.subset_train,
                                  subset_test=args.subset_test, seed=args.seed,
                                  checkpoint_dir=args.checkpoint_dir, resume=args.resume)
+    if not is_main_process():
+        return
     print(f"{args.model} on {args.data}: test accuracy {float(meta['test_accuracy']):.4f} "
           f"after {args.epochs} epochs in {float(meta['train_seconds']):.0f} s; cached at "
           f"{zoo.baseline_path(args.model, args.data)}")

@@ -273,6 +273,31 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def init_distributed() -> bool:
+    """Join the process group that `torchrun` describes in the environment, if any.
+
+    With WORLD_SIZE > 1 this initialises torch.distributed (NCCL when CUDA is available,
+    else gloo) and returns True; in a plain single process it does nothing and returns
+    False. `fit` then wraps the model in DistributedDataParallel by itself.
+    """
+    if _distributed():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
+        return False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    logger.info("joined process group: rank %d of %d (%s)", dist.get_rank(),
+                dist.get_world_size(), backend)
+    return True
+
+
+def is_main_process() -> bool:
+    """True in a single process and on rank 0 of a distributed run (who writes files)."""
+    return not _distributed() or dist.get_rank() == 0
+
+
 # --------------------------------------------------------------------------- losses and metrics
 
 

@@ -484,7 +484,7 @@ def train_baseline(
     Returns (model in eval mode, metadata); with ``cache`` the result goes to
     ``baseline_path(name, data)``, where ``load_baseline`` finds it.
     """
-    from netshrink.train import Finetune, evaluate, fit
+    from netshrink.train import Finetune, evaluate, fit, is_main_process
 
     _int_arg("epochs", epochs, 1)
     if name not in MODELS:
@@ -538,6 +538,6 @@ def train_baseline(
                                          default=_json_fallback)),
     }
     model.eval()
-    if cache:
+    if cache and is_main_process():
         save_baseline(model, baseline_path(name, data), metadata)
     return model, metadata
