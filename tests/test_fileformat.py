@@ -203,3 +203,17 @@ def test_wrong_architecture_raises_format_error(compressed, tmp_path):
 def test_missing_file_raises_format_error(tmp_path):
     with pytest.raises(FormatError):
         netshrink.load(tmp_path / "nope.nsk", nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("target", ["1bit", "x20"])
+def test_header_overhead_on_resnet20(target, tmp_path):
+    from netshrink import zoo
+
+    torch.manual_seed(0)
+    small = netshrink.compress(zoo.create("resnet20"), target=target)
+    size = netshrink.save(small, tmp_path / "r20.nsk")
+    header = inspect_file(tmp_path / "r20.nsk")["header_bytes"]
+    assert size == netshrink.model_bits(small) // 8 + header
+    assert header <= max(0.01 * size, 8192), (header, size)
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.equal(netshrink.load(tmp_path / "r20.nsk")(x), small(x))
