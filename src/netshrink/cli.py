@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "it with kmeans at two targets and print a table.")
     d.add_argument("--targets", default="4bit,2bit")
     d.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs per target")
-    d.add_argument("--subset-train", type=int, help="smaller run (quick check)")
+    d.add_argument("--subset-train", type=int, default=20000,
+                   help="training images used for fine-tuning (default 20000, a short run)")
     d.add_argument("--subset-test", type=int)
     d.add_argument("--out-dir", default="runs/demo")
     return p
