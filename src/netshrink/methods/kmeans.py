@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from ..errors import ConfigError
 from ..graph import LayerRef
@@ -109,7 +110,9 @@ class KMeansMethod(Method):
     def encode(self, model: nn.Module, layers: list[LayerRef], budget: Budget,
                config: KMeansConfig, *, data: Any = None, seed: int = 0) -> None:
         bits = self._bits_per_layer(layers, budget, config)
-        for i, (ref, b) in enumerate(zip(layers, bits)):
+        progress = tqdm(list(zip(layers, bits)), desc="kmeans", unit="layer", disable=None,
+                        leave=False)
+        for i, (ref, b) in enumerate(progress):
             opts = {k: ref.options.get(k, getattr(config, k))
                     for k in ("per_channel", "codebook_dtype")}
             layer = palettize(ref.module, b, per_channel=opts["per_channel"],
