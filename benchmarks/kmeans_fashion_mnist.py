@@ -67,8 +67,8 @@ def main() -> None:
     table = format_table(
         ["kmeans target", "fine-tune epochs", "file bytes", "ratio", "test accuracy",
          "compress+FT s"],
-        [[r["target"], r["finetune_epochs"], r["file_bytes"], r["ratio"], r["accuracy"],
-          r["seconds"]] for r in rows])
+        [[r["target"], r["finetune_epochs"], r["file_bytes"], f"x{r['ratio']:.1f}",
+          f"{r['accuracy']:.4f}", f"{r['seconds']:.1f}"] for r in rows])
     print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

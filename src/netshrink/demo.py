@@ -39,8 +39,8 @@ def run_demo(targets: list[str], *, epochs: int = 1, subset_train: int | None = 
     train, _ = get_loaders(DATA, 128, subset_train=subset_train, subset_test=1, seed=seed)
     test = DataLoader(get_dataset(DATA, "test", subset=subset_test, seed=seed), batch_size=512)
     base_bytes = fp32_bits(model) / 8
-    rows: list[list[object]] = [[f"{MODEL} fp32", "-", "-", int(base_bytes), 1.0,
-                                 evaluate(model, test)]]
+    rows: list[list[object]] = [[f"{MODEL} fp32", "-", "-", int(base_bytes), "x1.0",
+                                 f"{evaluate(model, test):.4f}"]]
     out_dir.mkdir(parents=True, exist_ok=True)
     for target in targets:
         for ft_epochs in sorted({0, epochs}):
@@ -50,8 +50,8 @@ def run_demo(targets: list[str], *, epochs: int = 1, subset_train: int | None = 
             path = out_dir / f"{MODEL}-kmeans-{target}-ft{ft_epochs}.nsk"
             size = fileformat.save(small, path)
             reloaded = fileformat.load(path)
-            rows.append([f"{MODEL} kmeans", target, ft_epochs, size, base_bytes / size,
-                         evaluate(reloaded, test)])
+            rows.append([f"{MODEL} kmeans", target, ft_epochs, size, f"x{base_bytes / size:.1f}",
+                         f"{evaluate(reloaded, test):.4f}"])
     headers = ["model", "target", "fine-tune epochs", "file bytes", "ratio", "test accuracy"]
     print(f"\n{MODEL} on {DATA}: accuracy on {len(test.dataset)} test images; baseline "
           f"trained {meta.get('epochs')} epochs; fine-tuning on {len(train.dataset)} training "

@@ -111,16 +111,12 @@ def report_from_manifest(manifest: dict[str, Any]) -> Report:
 
 
 def format_table(headers: list[str], rows: list[list[Any]]) -> str:
-    """A plain-text table with right-aligned numbers (used by the demo and benchmarks)."""
-    cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
+    """A plain-text table, first column left-aligned, the others right-aligned (used by the
+    demo and benchmarks; callers format their numbers)."""
+    cells = [[str(h) for h in headers]] + [[str(v) for v in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
                        enumerate(zip(row, widths))) for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
-
-def _cell(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}"
-    return str(v)
