@@ -34,6 +34,11 @@ def test_round_trip_bit_identical(compressed, small_net, images, tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_load_into_compressed_model_like(compressed, images, tmp_path):
+    netshrink.save(compressed, tmp_path / "m.nsk")
+    assert torch.equal(netshrink.load(tmp_path / "m.nsk", compressed)(images), compressed(images))
+
+
 def test_load_into_meta_model(compressed, small_net, images, tmp_path):
     path = tmp_path / "m.nsk"
     netshrink.save(compressed, path)

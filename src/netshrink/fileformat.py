@@ -254,7 +254,10 @@ def _check_target_module(model: nn.Module, name: str, layer: CompressedLayer) ->
         module = model.get_submodule(name)
     except AttributeError:
         raise FormatError(f"file has a compressed layer {name!r} that the model lacks") from None
-    shape = tuple(getattr(module, "weight", torch.empty(0)).shape)
+    if isinstance(module, CompressedLayer):  # model_like may itself be compressed
+        shape = module.op.weight_shape
+    else:
+        shape = tuple(getattr(module, "weight", torch.empty(0)).shape)
     if shape != layer.op.weight_shape:
         raise FormatError(f"layer {name!r}: file has weight shape {layer.op.weight_shape}, "
                           f"model has {shape}: wrong architecture?")
