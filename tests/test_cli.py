@@ -36,7 +36,7 @@ def test_end_to_end(tmp_path, monkeypatch, capsys):
     out = tmp_path / "r20.nsk"
     assert main(["compress", "--model", "resnet20", "--target", "x8", "--epochs", "1",
                  "--subset-train", "256", "--subset-test", "128", "-o", str(out),
-                 "--option", "per_channel=false"]) == 0
+                 "--option", "per_channel=false", "--bn-recalibration", "2"]) == 0
     text = capsys.readouterr().out
     assert out.is_file() and "fp32 baseline" in text and "compressed" in text
     assert main(["eval", str(out), "--subset-test", "128"]) == 0

@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--epochs", type=int, default=0, help="fine-tuning epochs (0: none)")
     c.add_argument("--lr", type=float, help="fine-tuning learning rate (default 1e-3, Adam)")
     c.add_argument("--batch-size", type=int, default=128)
+    c.add_argument("--bn-recalibration", type=int, default=0, metavar="BATCHES",
+                   help="after fine-tuning, re-estimate BatchNorm statistics on this many "
+                        "training batches")
     c.add_argument("--subset-train", type=int)
     c.add_argument("--subset-test", type=int)
     c.add_argument("--min-weights", type=int, default=1024,
@@ -151,7 +154,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
     finetune = None
     if args.epochs > 0:
         finetune = Finetune(epochs=args.epochs, lr=args.lr, checkpoint_dir=args.checkpoint_dir,
-                            resume=args.resume, seed=args.seed)
+                            resume=args.resume, seed=args.seed,
+                            bn_recalibration_batches=args.bn_recalibration)
     options = dict(_parse_option(o) for o in args.option)
     small = api.compress(model, args.method, args.target, data=train, finetune=finetune,
                          min_weights=args.min_weights, seed=args.seed, **options)
