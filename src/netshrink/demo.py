@@ -1,6 +1,6 @@
 """The end-to-end demo: ResNet-20 on Fashion-MNIST, compressed with `kmeans` at two targets.
 
-Trains the baseline once (cached; about 10 minutes on 2 cores, with a progress bar), then
+Trains the baseline once (cached; about 8 minutes on 2 cores, with a progress bar), then
 for each target compresses post-training and with fine-tuning (distillation from the
 baseline, on a 20,000-image subset by default to keep the run short), saves each result as
 a .nsk file, reloads it, and prints one table: file size on disk, ratio to the fp32
