@@ -35,7 +35,7 @@ from .atomic import atomic_write
 from .bitpack import pack_bits, packed_nbytes, unpack_bits
 from .errors import ConfigError, FormatError
 from .layers import CompressedLayer, compressed_layers, set_module
-from .size import Encoding, dense_state, dtype_name, storage_key
+from .size import Encoding, dense_state, dtype_name, with_aliases
 
 FORMAT_NAME = "netshrink"
 FORMAT_VERSION = 1
@@ -81,13 +81,10 @@ def build_manifest(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Te
             tensors[tname] = [enc.name, list(t.shape), writer.add(t, enc)]
         layers[name] = {"spec": layer.spec(), "tensors": tensors}
     dense: list[list[Any]] = []
-    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
-    for name, t in dense_state(model, comp):
-        key = storage_key(t)
-        if key in seen:
-            dense.append([name, "=", seen[key]])
+    for name, t, alias in with_aliases(dense_state(model, comp)):
+        if alias is not None:
+            dense.append([name, "=", alias])
             continue
-        seen[key] = name
         enc = Encoding.of(t.dtype)
         dense.append([name, enc.name, list(t.shape), writer.add(t, enc)])
     manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "arch": arch_of(model),

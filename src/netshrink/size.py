@@ -14,7 +14,7 @@ from __future__ import annotations
 import heapq
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -152,17 +152,20 @@ def tensor_bits(tensor: torch.Tensor, encoding: Encoding | None = None) -> int:
     return enc.nbits(tensor.numel())
 
 
+def with_aliases(named_tensors: Iterable[tuple[str, torch.Tensor]]
+                 ) -> Iterator[tuple[str, torch.Tensor, str | None]]:
+    """Each (name, tensor) with the name of the earlier tensor whose data it shares (tied
+    weights), or None for the first holder: what is stored once and what is an alias."""
+    first: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    for name, t in named_tensors:
+        key = storage_key(t)
+        yield name, t, first.get(key)
+        first.setdefault(key, name)
+
+
 def dense_bits(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
     """Stored bits of plain tensors at their dtype; tensors sharing storage count once."""
-    seen: set[tuple[int, int, tuple[int, ...]]] = set()
-    total = 0
-    for _, t in named_tensors:
-        key = storage_key(t)
-        if key in seen:
-            continue
-        seen.add(key)
-        total += tensor_bits(t)
-    return total
+    return sum(tensor_bits(t) for _, t, alias in with_aliases(named_tensors) if alias is None)
 
 
 def storage_key(t: torch.Tensor) -> tuple[int, int, tuple[int, ...]]:
@@ -200,15 +203,9 @@ def dense_state(model: nn.Module, compressed: dict[str, nn.Module] | None = None
 
 def fp32_bits(model: nn.Module) -> int:
     """Bits of the model stored plainly with every floating tensor at fp32 (the baseline)."""
-    total = 0
-    seen: set[tuple[int, int, tuple[int, ...]]] = set()
-    for _, t in model.state_dict(keep_vars=True).items():
-        key = storage_key(t)
-        if key in seen:
-            continue
-        seen.add(key)
-        total += t.numel() * (32 if t.is_floating_point() else DTYPE_BITS[dtype_name(t.dtype)])
-    return total
+    return sum(t.numel() * (32 if t.is_floating_point() else DTYPE_BITS[dtype_name(t.dtype)])
+               for _, t, alias in with_aliases(model.state_dict(keep_vars=True).items())
+               if alias is None)
 
 
 def format_bytes(n_bytes: float) -> str:
