@@ -145,3 +145,14 @@ def test_fp16_input_and_to_keep_compressed_form(small_net, images):
     half = small.to(torch.float64)
     assert isinstance(half.conv, PalettizedLayer)
     assert half(images.double()).dtype == torch.float64
+
+
+def test_wide_codes_up_to_16_bits_round_trip(tmp_path):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(256, 256))
+    small = netshrink.compress(m, target="12bit")
+    assert small[0].bits == 12
+    assert netshrink.report(small).layers[0].sqnr_db > 50
+    netshrink.save(small, tmp_path / "w.nsk")
+    x = torch.randn(3, 256)
+    assert torch.equal(netshrink.load(tmp_path / "w.nsk", m)(x), small(x))

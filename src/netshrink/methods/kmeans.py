@@ -139,7 +139,9 @@ def palettize(module: nn.Module, bits: int, *, per_channel: bool = True,
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         scale = scale.to(getattr(torch, codebook_dtype)).float()
         flat = flat / scale[:, None]
-    result = kmeans(flat.reshape(-1), 2**bits, iters=iters, seed=seed)
+    # k-means++ seeding is sequential in k: past 1024 centroids random seeding is used
+    init = "kmeans++" if bits <= 10 else "random"
+    result = kmeans(flat.reshape(-1), 2**bits, iters=iters, seed=seed, init=init)
     codes = result.labels.reshape(rows, -1)
     bias = module.bias.detach().cpu() if getattr(module, "bias", None) is not None else None
     layer = PalettizedLayer(op, bias, codes, result.centroids, scale, codebook_dtype)
