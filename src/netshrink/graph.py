@@ -56,9 +56,6 @@ def _any_match(selection: Selection, name: str, module: nn.Module) -> bool:
     return any(_matches(s, name, module) for s in sels)
 
 
-_MISSING = object()
-
-
 def override_for(overrides: Mapping[Any, Any] | None, name: str, module: nn.Module) -> Any:
     """Merged options for a layer: type entries first, then name patterns (which win).
 
