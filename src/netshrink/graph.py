@@ -6,7 +6,8 @@ type is supported by the method, it is selected (`layers=`), not excluded, has a
 dense, stored once). Each layer left out gets a reason that the report shows.
 
 Per-layer overrides (as in coremltools: by module type, then by name pattern, the more
-specific winning) give method options for matching layers; `None` keeps a layer dense.
+specific winning) give method options for matching layers; `None` keeps a layer dense. A
+layer below `min_weights` is still compressed when an override gives it options.
 """
 
 from __future__ import annotations
