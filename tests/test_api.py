@@ -156,3 +156,20 @@ def test_wide_codes_up_to_16_bits_round_trip(tmp_path):
     netshrink.save(small, tmp_path / "w.nsk")
     x = torch.randn(3, 256)
     assert torch.equal(netshrink.load(tmp_path / "w.nsk", m)(x), small(x))
+
+
+def test_codebook_gradients_are_deterministic():
+    """Fine-tuning must give the same bytes every run: the codebook gradient (a sum over
+    every weight using a codeword) must not depend on thread scheduling."""
+    from netshrink.layers import OpSpec
+
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 4, (64, 576), generator=g)
+    grad_out = torch.randn(64, 576, generator=g)
+    grads = set()
+    for _ in range(10):
+        layer = PalettizedLayer(OpSpec("linear", (64, 576)), None, codes,
+                                torch.linspace(-1, 1, 4)[:, None], torch.ones(64))
+        (layer.decode_weight() * grad_out).sum().backward()
+        grads.add(tuple(layer.codebook.grad.flatten().tolist()))
+    assert len(grads) == 1

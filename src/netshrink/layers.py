@@ -228,7 +228,10 @@ class PalettizedLayer(CompressedLayer):
         return ceil_log2(self.codebook.shape[0])
 
     def decode_weight(self) -> torch.Tensor:
-        w = self.codebook[self.codes].reshape(self.codes.shape[0], -1)
+        # F.embedding, not codebook[codes]: on the CPU the backward of advanced indexing
+        # accumulates with parallel atomics (run-to-run different codebook gradients),
+        # the embedding backward does not
+        w = F.embedding(self.codes, self.codebook).reshape(self.codes.shape[0], -1)
         if self.scale is not None:
             w = w * self.scale[:, None]
         return w.reshape(self.op.weight_shape)
