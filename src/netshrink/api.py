@@ -100,8 +100,8 @@ def compress(
     student.eval()
 
     comp = dict(compressed_layers(student))
-    stats = {name: {"sqnr_db": round(sqnr_db(originals[name], layer.decode_weight()), 4)}
-             for name, layer in comp.items()}
+    stats = {name: {"sqnr_db": round(sqnr_db(weight, comp[name].decode_weight()), 4)}
+             for name, weight in originals.items()}
     info = {
         "method": algo.name,
         "target": tgt.text,

@@ -34,7 +34,7 @@ from torch import nn
 from .atomic import atomic_write
 from .bitpack import pack_bits, packed_nbytes, unpack_bits
 from .errors import ConfigError, FormatError
-from .layers import CompressedLayer, compressed_layers, set_module
+from .layers import CompressedLayer, StoredModule, set_module, stored_modules
 from .size import Encoding, dense_state, dtype_name, with_aliases
 
 FORMAT_NAME = "netshrink"
@@ -74,7 +74,7 @@ def build_manifest(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Te
 
     writer = _BlobWriter()
     layers: dict[str, Any] = {}
-    comp = dict(compressed_layers(model))
+    comp = dict(stored_modules(model))
     for name, layer in comp.items():
         tensors = {}
         for tname, (t, enc) in layer.stored().items():
@@ -207,7 +207,7 @@ def from_bytes(raw: bytes, model_like: nn.Module | None = None) -> nn.Module:
     for name, entry in manifest["layers"].items():
         if not isinstance(entry, dict) or not isinstance(entry.get("tensors"), dict):
             raise FormatError(f"malformed layer entry {name!r}")
-        layer = CompressedLayer.from_spec(entry.get("spec"))
+        layer = StoredModule.from_spec(entry.get("spec"))
         _check_target_module(model, name, layer)
         tensors = {}
         for tname, desc in entry["tensors"].items():
@@ -217,6 +217,8 @@ def from_bytes(raw: bytes, model_like: nn.Module | None = None) -> nn.Module:
         layer.load_stored(tensors)
         set_module(model, name, layer)
     _load_dense(model, manifest["dense"], reader)
+    for _, module in stored_modules(model):
+        module.link(model)
     info = manifest.get("info")
     if info is not None:
         model.netshrink_info = info
@@ -246,7 +248,19 @@ def _instantiate(manifest: dict[str, Any], model_like: nn.Module | None) -> nn.M
     return copy.deepcopy(model_like)
 
 
-def _check_target_module(model: nn.Module, name: str, layer: CompressedLayer) -> None:
+def _check_target_module(model: nn.Module, name: str, layer: StoredModule) -> None:
+    """A layer must replace a module of the same weight shape; an attached module must
+    go to a free name under an existing parent."""
+    parent, _, child = name.rpartition(".")
+    if layer.attached or not isinstance(layer, CompressedLayer):
+        try:
+            owner = model.get_submodule(parent) if parent else model
+        except AttributeError:
+            raise FormatError(f"file attaches {name!r} under a module the model lacks") from None
+        if not child or (hasattr(owner, child) and not isinstance(getattr(owner, child),
+                                                                   StoredModule)):
+            raise FormatError(f"file attaches {name!r}, which the model already has")
+        return
     try:
         module = model.get_submodule(name)
     except AttributeError:

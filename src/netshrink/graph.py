@@ -20,7 +20,7 @@ from typing import Any
 from torch import nn
 
 from .errors import ConfigError
-from .layers import CompressedLayer
+from .layers import stored_modules
 
 Selector = str | type | Callable[[str, nn.Module], bool]
 Selection = Selector | Sequence[Selector] | None
@@ -78,10 +78,13 @@ def override_for(overrides: Mapping[Any, Any] | None, name: str, module: nn.Modu
 
 
 def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Modules that own a weight of dim >= 2 (norm layers, with 1-D weights, are not)."""
+    """Modules that own a weight of dim >= 2 (norm layers, with 1-D weights, are not),
+    outside any already-compressed (stored) module."""
+    stored = tuple(name + "." for name, _ in stored_modules(model))
+    done = {name for name, _ in stored_modules(model)}
     out = []
     for name, module in model.named_modules():
-        if isinstance(module, CompressedLayer):
+        if name in done or (stored and name.startswith(stored)):
             continue
         w = getattr(module, "weight", None)
         if isinstance(w, nn.Parameter) and w.dim() >= 2 and name:

@@ -1,10 +1,12 @@
 """Compressed layers: small stored tensors plus a decode, as ordinary nn.Modules.
 
-A `CompressedLayer` replaces one Linear / Conv / Embedding module. It declares the tensors
-it stores and their encodings in `stored()`; size accounting (`size.py`), the file format
-(`fileformat.py`) and the report all read that one declaration. `spec()` returns the JSON
-needed to rebuild an empty layer of the same shape (`from_spec`), into which
-`load_stored()` puts the saved tensors after validating them.
+A `CompressedLayer` (a `StoredModule`) replaces one Linear / Conv / Embedding module. It
+declares the tensors it stores and their encodings in `stored()`; size accounting
+(`size.py`), the file format (`fileformat.py`) and the report all read that one
+declaration. `spec()` returns the JSON needed to rebuild an empty layer of the same shape
+(`from_spec`), into which `load_stored()` puts the saved tensors after validating them.
+A `StoredModule` with `attached = True` is a representation shared by several layers
+(SMH), added to the model rather than replacing a layer.
 
 `PalettizedLayer` is the deployable form shared by the palette methods (k-means, DKM after
 snapping, PQF): each weight row is cut into d-dimensional subvectors (row-major over
@@ -26,7 +28,7 @@ from torch import nn
 from .errors import FormatError
 from .size import Encoding, ceil_log2
 
-LAYER_KINDS: dict[str, type[CompressedLayer]] = {}
+LAYER_KINDS: dict[str, type[StoredModule]] = {}
 
 _CONV_ARGS = ("stride", "padding", "dilation", "groups")
 
@@ -94,43 +96,53 @@ def _tup(v: Any) -> Any:
     return tuple(v) if isinstance(v, list) else v
 
 
-def register_layer(cls: type[CompressedLayer]) -> type[CompressedLayer]:
-    """Class decorator: make a compressed layer kind loadable from files."""
+def register_layer(cls: type[StoredModule]) -> type[StoredModule]:
+    """Class decorator: make a stored module kind loadable from files."""
     LAYER_KINDS[cls.kind] = cls
     return cls
 
 
-class CompressedLayer(nn.Module):
-    """Base of every compressed layer: an op, an optional dense bias, and a weight decoder.
+class StoredModule(nn.Module):
+    """A module that is saved as small stored tensors plus JSON settings.
 
-    Subclasses implement `decode_weight`, `stored_extra`, `spec_extra`, `_allocate` and
-    may override `forward` (e.g. factorised layers that run two smaller ops).
+    Most are `CompressedLayer`s, which replace one dense layer. A module with
+    `attached = True` is instead added to the model, for example one representation
+    shared by many layers (SMH's whole-network factors). After loading, `link(root)` is
+    called on every stored module, so that layers can find such a shared module again.
+    Layers should hold it as a plain attribute (`object.__setattr__`), not as a submodule,
+    so that it is stored once.
     """
 
     kind: ClassVar[str] = ""
+    attached: ClassVar[bool] = False
 
-    def __init__(self, op: OpSpec, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        self.op = op
-        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
-
-    # -- what subclasses provide -----------------------------------------------------
-    def decode_weight(self) -> torch.Tensor:
-        """The dense weight this layer computes with (shape `op.weight_shape`)."""
-        raise NotImplementedError
-
-    def stored_extra(self) -> dict[str, tuple[torch.Tensor, Encoding]]:
-        """The method's own stored tensors and encodings (bias is added by the base)."""
+    def stored(self) -> dict[str, tuple[torch.Tensor, Encoding]]:
+        """Every tensor this module stores, with its encoding (the single declaration)."""
         raise NotImplementedError
 
     def spec_extra(self) -> dict[str, Any]:
-        """JSON-able settings needed by `_allocate` to rebuild an empty layer."""
+        """JSON-able settings needed to rebuild an empty module of the same shape."""
         return {}
 
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, **self.spec_extra()}
+
     @classmethod
-    def _allocate(cls, op: OpSpec, has_bias: bool, extra: dict[str, Any]) -> CompressedLayer:
-        """An empty layer (right shapes, any values) for `spec`; raises on bad settings."""
+    def _build(cls, spec: dict[str, Any]) -> StoredModule:
+        """An empty module (right shapes, any values) for `spec`; raises on bad settings."""
         raise NotImplementedError
+
+    @staticmethod
+    def from_spec(spec: Any) -> StoredModule:
+        """Rebuild an empty module from `spec()` output; FormatError on a bad spec."""
+        kind = spec.get("kind") if isinstance(spec, dict) else None
+        if kind not in LAYER_KINDS:
+            raise FormatError(f"unknown compressed layer kind {kind!r} "
+                              f"(known: {', '.join(sorted(LAYER_KINDS))})")
+        try:
+            return LAYER_KINDS[kind]._build(spec)
+        except (KeyError, TypeError, ValueError) as e:
+            raise FormatError(f"invalid settings for a {kind} layer: {e}") from None
 
     def validate(self) -> None:
         """Check loaded values (e.g. codes in range); raise FormatError otherwise."""
@@ -139,42 +151,15 @@ class CompressedLayer(nn.Module):
         """A short human-readable summary for the report."""
         return ""
 
+    def link(self, root: nn.Module) -> None:
+        """Called after a whole model is loaded: find shared modules (default: nothing)."""
+
     def finalize(self) -> None:
-        """Make the layer exactly what will be saved (e.g. round to storage dtypes)."""
+        """Make the module exactly what will be saved (e.g. round to storage dtypes)."""
         with torch.no_grad():
             for t, enc in self.stored().values():
                 if t.is_floating_point() and not enc.packed:
                     t.copy_(t.to(enc.torch_dtype).to(t.dtype))
-
-    # -- shared machinery -------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op.apply(x, self.decode_weight(), self.bias)
-
-    def stored(self) -> dict[str, tuple[torch.Tensor, Encoding]]:
-        """Every tensor this layer stores, with its encoding (the single declaration)."""
-        out = dict(self.stored_extra())
-        if self.bias is not None:
-            out["bias"] = (self.bias, Encoding.of(self.bias.dtype))
-        return out
-
-    def spec(self) -> dict[str, Any]:
-        return {"kind": self.kind, "op": self.op.to_json(), "bias": self.bias is not None,
-                **self.spec_extra()}
-
-    @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> CompressedLayer:
-        """Rebuild an empty layer from `spec()` output; FormatError on a bad spec."""
-        kind = spec.get("kind") if isinstance(spec, dict) else None
-        if kind not in LAYER_KINDS:
-            raise FormatError(f"unknown compressed layer kind {kind!r} "
-                              f"(known: {', '.join(sorted(LAYER_KINDS))})")
-        sub = LAYER_KINDS[kind]
-        op = OpSpec.from_json(spec.get("op"))
-        extra = {k: v for k, v in spec.items() if k not in ("kind", "op", "bias")}
-        try:
-            return sub._allocate(op, bool(spec.get("bias")), extra)
-        except (KeyError, TypeError, ValueError) as e:
-            raise FormatError(f"invalid settings for a {kind} layer: {e}") from None
 
     def load_stored(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy saved tensors in, checking names, shapes and values (FormatError)."""
@@ -190,6 +175,53 @@ class CompressedLayer(nn.Module):
                                       f"expected {tuple(slot.shape)}")
                 slot.copy_(value.to(slot.dtype))
         self.validate()
+
+
+class CompressedLayer(StoredModule):
+    """Base of every compressed layer: an op, an optional dense bias, and a weight decoder.
+
+    Subclasses implement `decode_weight`, `stored_extra`, `spec_extra`, `_allocate` and
+    may override `forward` (e.g. factorised layers that run two smaller ops).
+    """
+
+    def __init__(self, op: OpSpec, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.op = op
+        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+
+    # -- what subclasses provide -----------------------------------------------------
+    def decode_weight(self) -> torch.Tensor:
+        """The dense weight this layer computes with (shape `op.weight_shape`)."""
+        raise NotImplementedError
+
+    def stored_extra(self) -> dict[str, tuple[torch.Tensor, Encoding]]:
+        """The method's own stored tensors and encodings (bias is added by the base)."""
+        raise NotImplementedError
+
+    @classmethod
+    def _allocate(cls, op: OpSpec, has_bias: bool, extra: dict[str, Any]) -> CompressedLayer:
+        """An empty layer (right shapes, any values) for `spec`; raises on bad settings."""
+        raise NotImplementedError
+
+    # -- shared machinery -------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op.apply(x, self.decode_weight(), self.bias)
+
+    def stored(self) -> dict[str, tuple[torch.Tensor, Encoding]]:
+        out = dict(self.stored_extra())
+        if self.bias is not None:
+            out["bias"] = (self.bias, Encoding.of(self.bias.dtype))
+        return out
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "op": self.op.to_json(), "bias": self.bias is not None,
+                **self.spec_extra()}
+
+    @classmethod
+    def _build(cls, spec: dict[str, Any]) -> CompressedLayer:
+        op = OpSpec.from_json(spec.get("op"))
+        extra = {k: v for k, v in spec.items() if k not in ("kind", "op", "bias")}
+        return cls._allocate(op, bool(spec.get("bias")), extra)
 
     def extra_repr(self) -> str:
         return f"{self.op.type}, weight={self.op.weight_shape}"
@@ -277,9 +309,16 @@ class PalettizedLayer(CompressedLayer):
             raise FormatError("non-finite values in a palettized layer")
 
 
+def stored_modules(model: nn.Module) -> Iterator[tuple[str, StoredModule]]:
+    """(qualified name, module) of every stored module: what `save` writes."""
+    for name, module in model.named_modules():
+        if isinstance(module, StoredModule):
+            yield name, module
+
+
 def compressed_layers(model: nn.Module) -> Iterator[tuple[str, CompressedLayer]]:
     """(qualified name, layer) of every compressed layer, outermost first."""
-    for name, module in model.named_modules():
+    for name, module in stored_modules(model):
         if isinstance(module, CompressedLayer):
             yield name, module
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from .layers import compressed_layers
+from .layers import CompressedLayer, stored_modules
 from .size import Encoding, format_bytes, fp32_bits, model_bits, tensor_bits
 
 
@@ -58,8 +58,12 @@ class Report:
         for r in self.layers:
             sq = "inf" if r.sqnr_db is not None and math.isinf(r.sqnr_db) else (
                 f"{r.sqnr_db:.2f}" if r.sqnr_db is not None else "-")
-            lines.append(f"{r.name[-28:]:<28} {r.kind:<8} {r.n_weights:>9} "
-                         f"{r.bits_per_weight:>7.3f} {r.ratio:>7.1f} {sq:>8}  {r.detail}")
+            if r.n_weights:
+                per_weight = f"{r.n_weights:>9} {r.bits_per_weight:>7.3f} {r.ratio:>7.1f}"
+            else:  # a shared module: its bits serve many layers
+                per_weight = f"{'shared':>9} {'-':>7} {'-':>7}"
+            lines.append(f"{r.name[-28:]:<28} {r.kind:<8} {per_weight} {sq:>8}  "
+                         f"{r.detail or f'{r.stored_bits} bits stored'}")
         for name, why in self.skipped.items():
             lines.append(f"{name[-28:]:<28} {'dense':<8} {'':>9} {'':>7} {'':>7} {'':>8}  {why}")
         lines.append("-" * len(head))
@@ -70,18 +74,25 @@ class Report:
         return "\n".join(lines)
 
 
+def _row(name: str, kind: str, shape: tuple[int, ...], bits: int, sqnr: Any, detail: str
+         ) -> LayerRow:
+    """A report row; a shared module (no weight shape of its own) has no per-weight figures."""
+    n = math.prod(shape) if shape else 0
+    return LayerRow(name, kind, shape, n, bits, bits / n if n else math.nan,
+                    32 * n / bits if n else math.nan,
+                    float(sqnr) if sqnr is not None else None, detail)
+
+
 def report(model: nn.Module) -> Report:
     """The report of a compressed (or loaded) model."""
     info = getattr(model, "netshrink_info", None) or {}
     stats = info.get("layers", {})
     rows = []
-    for name, layer in compressed_layers(model):
-        n = math.prod(layer.op.weight_shape)
-        bits = sum(tensor_bits(t, enc) for t, enc in layer.stored().values())
-        sq = stats.get(name, {}).get("sqnr_db")
-        rows.append(LayerRow(name, layer.kind, layer.op.weight_shape, n, bits, bits / n,
-                             32 * n / bits, float(sq) if sq is not None else None,
-                             layer.describe()))
+    for name, module in stored_modules(model):
+        shape = module.op.weight_shape if isinstance(module, CompressedLayer) else ()
+        bits = sum(tensor_bits(t, enc) for t, enc in module.stored().values())
+        rows.append(_row(name, module.kind, shape, bits, stats.get(name, {}).get("sqnr_db"),
+                         module.describe()))
     baseline = info.get("baseline_bits") or fp32_bits(model)
     return Report(info.get("method"), info.get("target"), baseline / 8, model_bits(model) / 8,
                   rows, dict(info.get("skipped", {})))
@@ -95,15 +106,13 @@ def report_from_manifest(manifest: dict[str, Any]) -> Report:
     total = 0
     for name, entry in manifest["layers"].items():
         spec = entry["spec"]
-        shape = tuple(spec["op"]["weight_shape"])
-        n = math.prod(shape)
+        shape = tuple(spec["op"]["weight_shape"]) if "op" in spec else ()
         bits = sum(Encoding(enc).nbits(math.prod(tshape))
                    for enc, tshape, _ in entry["tensors"].values())
         total += bits
         detail = ", ".join(f"{t} {enc}{list(s)}" for t, (enc, s, _) in entry["tensors"].items())
-        sq = stats.get(name, {}).get("sqnr_db")
-        rows.append(LayerRow(name, spec["kind"], shape, n, bits, bits / n, 32 * n / bits,
-                             float(sq) if sq is not None else None, detail))
+        rows.append(_row(name, spec["kind"], shape, bits, stats.get(name, {}).get("sqnr_db"),
+                         detail))
     total += sum(Encoding(e[1]).nbits(math.prod(e[2])) for e in manifest["dense"] if e[1] != "=")
     baseline = info.get("baseline_bits") or total
     return Report(info.get("method"), info.get("target"), baseline / 8, total / 8, rows,

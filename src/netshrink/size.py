@@ -178,12 +178,12 @@ def storage_key(t: torch.Tensor) -> tuple[int, int, tuple[int, ...]]:
 def model_bits(model: nn.Module) -> int:
     """Stored bits of a (possibly compressed) model: what `netshrink.save` writes.
 
-    Compressed layers count what they declare in `stored()`; every other state-dict
-    tensor counts at its dtype, shared tensors once.
+    Stored modules (compressed layers, shared representations) count what they declare
+    in `stored()`; every other state-dict tensor counts at its dtype, shared tensors once.
     """
-    from .layers import compressed_layers
+    from .layers import stored_modules
 
-    comp = dict(compressed_layers(model))
+    comp = dict(stored_modules(model))
     total = sum(tensor_bits(t, enc) for layer in comp.values() for t, enc in
                 layer.stored().values())
     total += dense_bits(dense_state(model, comp))
@@ -192,10 +192,10 @@ def model_bits(model: nn.Module) -> int:
 
 def dense_state(model: nn.Module, compressed: dict[str, nn.Module] | None = None
                 ) -> list[tuple[str, torch.Tensor]]:
-    """State-dict entries that lie outside compressed layers, in state-dict order."""
-    from .layers import compressed_layers
+    """State-dict entries that lie outside stored modules, in state-dict order."""
+    from .layers import stored_modules
 
-    comp = compressed if compressed is not None else dict(compressed_layers(model))
+    comp = compressed if compressed is not None else dict(stored_modules(model))
     prefixes = tuple(name + "." for name in comp)
     return [(k, v) for k, v in model.state_dict(keep_vars=True).items()
             if not k.startswith(prefixes)]

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..graph import LayerRef
-from ..layers import compressed_layers
+from ..layers import stored_modules
 from ..size import Budget
 
 _REGISTRY: dict[str, Method] = {}
@@ -54,8 +54,8 @@ class Method:
         return []
 
     def finalize(self, model: nn.Module, config: Any) -> None:
-        """Make every compressed layer exactly what will be saved."""
-        for _, layer in compressed_layers(model):
+        """Make every stored module exactly what will be saved."""
+        for _, layer in stored_modules(model):
             layer.finalize()
 
 
