@@ -16,16 +16,14 @@ import json
 import logging
 import platform
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
-import netshrink
 from netshrink import zoo
 from netshrink.data import get_dataset, get_loaders
-from netshrink.errors import DataError
+from netshrink.demo import measure_kmeans
 from netshrink.report import format_table
 from netshrink.size import fp32_bits
 from netshrink.train import evaluate
@@ -39,31 +37,18 @@ def main() -> None:
                                         "kmeans_fashion_mnist.json"))
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        model, meta = zoo.load_baseline("resnet20")
-    except DataError:
-        model, meta = zoo.train_baseline("resnet20")
+    model, meta = zoo.load_or_train_baseline("resnet20")
     train, _ = get_loaders("fashion-mnist", 128, subset_test=1)
     test = DataLoader(get_dataset("fashion-mnist", "test"), batch_size=512)
-    base_bytes = fp32_bits(model) / 8
-    rows = [{"target": "fp32", "finetune_epochs": 0, "file_bytes": int(base_bytes),
+    rows = [{"target": "fp32", "finetune_epochs": 0, "file_bytes": int(fp32_bits(model) / 8),
              "ratio": 1.0, "accuracy": evaluate(model, test), "seconds": 0.0}]
+    targets = [f"{int(b)}bit" for b in args.bits.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        for bits in [int(b) for b in args.bits.split(",")]:
-            for epochs in (0, args.epochs):
-                start = time.perf_counter()
-                ft = netshrink.Finetune(epochs=epochs) if epochs else None
-                small = netshrink.compress(model, "kmeans", f"{bits}bit", data=train,
-                                           finetune=ft)
-                seconds = time.perf_counter() - start
-                path = Path(tmp) / "m.nsk"
-                size = netshrink.save(small, path)
-                assert path.stat().st_size == size
-                acc = evaluate(netshrink.load(path), test)
-                rows.append({"target": f"{bits}bit", "finetune_epochs": epochs,
-                             "file_bytes": size, "ratio": base_bytes / size, "accuracy": acc,
-                             "seconds": seconds})
-                logging.info("%s", rows[-1])
+        results = measure_kmeans(model, targets, args.epochs, train, test, Path(tmp))
+        for r in results:  # the size reported is the size on disk
+            path = Path(tmp) / f"kmeans-{r['target']}-ft{r['finetune_epochs']}.nsk"
+            assert path.stat().st_size == r["file_bytes"]
+    rows += results
     table = format_table(
         ["kmeans target", "fine-tune epochs", "file bytes", "ratio", "test accuracy",
          "compress+FT s"],

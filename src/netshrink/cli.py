@@ -120,7 +120,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load_source(args: argparse.Namespace) -> Any:
     from . import zoo
-    from .errors import DataError
 
     if args.checkpoint:
         if not args.arch:
@@ -130,12 +129,7 @@ def _load_source(args: argparse.Namespace) -> Any:
         model = zoo.create(args.arch)
         model.load_state_dict(load_file(args.checkpoint))
         return model.eval()
-    try:
-        model, meta = zoo.load_baseline(args.model, args.data)
-    except DataError:
-        logger.info("no cached baseline for %s on %s: training one now (once)", args.model,
-                    args.data)
-        model, meta = zoo.train_baseline(args.model, args.data)
+    model, meta = zoo.load_or_train_baseline(args.model, args.data)
     logger.info("baseline %s: test accuracy %s", args.model, meta.get("test_accuracy"))
     return model.eval()
 

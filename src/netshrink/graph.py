@@ -80,11 +80,11 @@ def override_for(overrides: Mapping[Any, Any] | None, name: str, module: nn.Modu
 def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Modules that own a weight of dim >= 2 (norm layers, with 1-D weights, are not),
     outside any already-compressed (stored) module."""
-    stored = tuple(name + "." for name, _ in stored_modules(model))
     done = {name for name, _ in stored_modules(model)}
+    inside = tuple(name + "." for name in done)
     out = []
     for name, module in model.named_modules():
-        if name in done or (stored and name.startswith(stored)):
+        if name in done or name.startswith(inside):
             continue
         w = getattr(module, "weight", None)
         if isinstance(w, nn.Parameter) and w.dim() >= 2 and name:

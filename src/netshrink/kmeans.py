@@ -117,7 +117,8 @@ def kmeans(
 
     init: "kmeans++", "random" (k distinct random points, as PQF's code does) or a (k, d)
     tensor of starting centroids. Stops after `iters` iterations or when no label changes
-    (or the inertia improves by at most `tol`, relative). Computation runs in float32 (or
+    (vectors also when the inertia improves by at most `tol`, relative; scalars always run
+    to a fixed point). Computation runs in float32 (or
     float64 if x is float64) on x's device; sums are accumulated in float64.
     """
     x = _as_points(x.detach())
@@ -143,7 +144,7 @@ def kmeans(
         raise ValueError(f"unknown init {init!r}: use 'kmeans++', 'random' or a tensor")
 
     if d == 1 and iters > 0:
-        centroids = _lloyd_scalar(x[:, 0], centroids, iters, tol)
+        centroids = _lloyd_scalar(x[:, 0], centroids, iters)
         iters = 1  # one generic pass: labels, inertia, re-seeding of any empty cluster
     labels, dists = assign(x, centroids, chunk)
     inertia = float(dists.sum(dtype=torch.float64))
@@ -159,8 +160,7 @@ def kmeans(
     return KMeansResult(centroids, labels, inertia)
 
 
-def _lloyd_scalar(x: torch.Tensor, centroids: torch.Tensor, iters: int, tol: float
-                  ) -> torch.Tensor:
+def _lloyd_scalar(x: torch.Tensor, centroids: torch.Tensor, iters: int) -> torch.Tensor:
     """Lloyd iterations for scalars on sorted data: each cluster is a contiguous run of the
     sorted points, found by binary search for the midpoints, and its mean comes from prefix
     sums, so an iteration costs O(k log n) after one O(n log n) sort. Exact same fixed

@@ -41,6 +41,7 @@ __all__ = [
     "cache_dir",
     "create",
     "load_baseline",
+    "load_or_train_baseline",
     "mobilenetv2_small",
     "names",
     "resnet20",
@@ -540,4 +541,18 @@ def train_baseline(
     model.eval()
     if cache and is_main_process():
         save_baseline(model, baseline_path(name, data), metadata)
+    return model, metadata
+
+
+def load_or_train_baseline(name: str, data: str = "fashion-mnist"
+                           ) -> tuple[nn.Module, dict[str, Any]]:
+    """The cached baseline of ``name`` on ``data``; trained (defaults) and cached first when
+    it cannot be loaded. Used by the CLI, the demo and the benchmarks."""
+    try:
+        model, metadata = load_baseline(name, data)
+        logger.info("using cached baseline %s", baseline_path(name, data))
+    except DataError:
+        logger.info("no cached baseline for %s on %s: training one now (cached afterwards)",
+                    name, data)
+        model, metadata = train_baseline(name, data)
     return model, metadata
