@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     tb = sub.add_parser("train-baseline", help="train a zoo model and cache its weights",
                         description="Train a reference model from the zoo on an offline data "
                                     "set and cache the checkpoint (safetensors) for compress.")
-    tb.add_argument("model", help="zoo model name (see `netshrink methods --zoo`)")
+    tb.add_argument("model", help="zoo model name (`netshrink methods` lists them)")
     tb.add_argument("--data", default="fashion-mnist")
     tb.add_argument("--epochs", type=int, default=4)
     tb.add_argument("--lr", type=float, default=0.05)
