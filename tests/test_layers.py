@@ -14,7 +14,6 @@ from netshrink.errors import FormatError
 from netshrink.fileformat import inspect_file
 from netshrink.layers import (
     CompressedLayer,
-    OpSpec,
     StoredModule,
     register_layer,
     set_module,
@@ -41,7 +40,7 @@ class SharedTable(StoredModule):
         return {"size": self.table.numel()}
 
     @classmethod
-    def _build(cls, spec: dict[str, Any]):
+    def _build(cls, spec: dict[str, Any], target):
         return cls(int(spec["size"]))
 
 
@@ -51,13 +50,13 @@ class SlicedLayer(CompressedLayer):
 
     kind = "test-sliced"
 
-    def __init__(self, op, bias, offset: int, hub_name: str = "hub") -> None:
-        super().__init__(op, bias)
+    def __init__(self, module, offset: int, hub_name: str = "hub") -> None:
+        super().__init__(module)
         self.offset, self.hub_name = offset, hub_name
 
     def decode_weight(self):
-        n = math.prod(self.op.weight_shape)
-        return self.hub.table[self.offset:self.offset + n].reshape(self.op.weight_shape)
+        n = math.prod(self.weight_shape)
+        return self.hub.table[self.offset:self.offset + n].reshape(self.weight_shape)
 
     def stored_extra(self):
         return {}
@@ -66,10 +65,8 @@ class SlicedLayer(CompressedLayer):
         return {"offset": self.offset, "hub": self.hub_name}
 
     @classmethod
-    def _allocate(cls, op, has_bias, extra):
-        rows = op.weight_shape[0]
-        return cls(op, torch.zeros(rows) if has_bias else None, int(extra["offset"]),
-                   str(extra["hub"]))
+    def _allocate(cls, module, out_axis, extra):
+        return cls(module, int(extra["offset"]), str(extra["hub"]))
 
     def link(self, root):
         object.__setattr__(self, "hub", root.get_submodule(self.hub_name))
@@ -96,10 +93,11 @@ def _shared_model():
     offset = 0
     for name in ("a", "b"):
         old = model.get_submodule(name)
-        layer = SlicedLayer(OpSpec.from_module(old), old.bias, offset)
+        n = old.weight.numel()
+        layer = SlicedLayer(old, offset)
         layer.link(model)
         set_module(model, name, layer)
-        offset += old.weight.numel()
+        offset += n
     model.netshrink_info = None
     netshrink.get_method("kmeans").finalize(model, None)
     return model, dense

@@ -1,6 +1,9 @@
 """Which layers of a model get compressed, and why the others do not.
 
-Every module with a weight matrix (dim >= 2) is considered. A layer is compressed when its
+Every module with a `weight` Parameter of dim >= 2 is considered, whatever its class
+(subclasses and foreign kinds included: the compressed layer runs the module's own
+forward). Other parameters of dim >= 2 (e.g. nn.MultiheadAttention's packed
+`in_proj_weight`) are kept dense and listed with that reason. A layer is compressed when its
 type is supported by the method, it is selected (`layers=`), not excluded, has at least
 `min_weights` weights, and its weight is not shared with another module (tied weights stay
 dense, stored once). Each layer left out gets a reason that the report shows.
@@ -20,7 +23,7 @@ from typing import Any
 from torch import nn
 
 from .errors import ConfigError
-from .layers import stored_modules
+from .layers import out_axis_of, stored_modules
 
 Selector = str | type | Callable[[str, nn.Module], bool]
 Selection = Selector | Sequence[Selector] | None
@@ -37,6 +40,15 @@ class LayerRef:
     @property
     def n_weights(self) -> int:
         return self.module.weight.numel()
+
+    @property
+    def out_axis(self) -> int:
+        """The weight's output-channel axis: the `out_axis` override, else by layer kind."""
+        return int(self.options.get("out_axis", out_axis_of(self.module)))
+
+    def option(self, config: Any, key: str) -> Any:
+        """A method option for this layer: the per-layer override, else the config's."""
+        return self.options.get(key, getattr(config, key))
 
 
 def _matches(sel: Selector, name: str, module: nn.Module) -> bool:
@@ -92,6 +104,32 @@ def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
+def weight_count(model: nn.Module) -> int:
+    """Weights of a model: floating parameters of dim >= 2 outside stored modules, shared
+    ones once (what `compressed share` is a share of)."""
+    seen: set[int] = set()
+    total = 0
+    for _, p in other_weights(model, include_weight=True):
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def other_weights(model: nn.Module, include_weight: bool = False
+                  ) -> list[tuple[str, nn.Parameter]]:
+    """(qualified name, parameter) of floating parameters of dim >= 2 outside stored
+    modules that are not a module's `weight` (all of them with include_weight)."""
+    done = tuple(name + "." for name, _ in stored_modules(model))
+    out = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if name.startswith(done) or p.dim() < 2 or not p.is_floating_point():
+            continue
+        if include_weight or name.rpartition(".")[2] != "weight":
+            out.append((name, p))
+    return out
+
+
 def select_layers(
     model: nn.Module,
     supports: Callable[[nn.Module], str | None],
@@ -104,6 +142,7 @@ def select_layers(
     """Split the model's weight layers into those to compress and those kept (reason).
 
     supports(module) returns None when the method can compress the module, else why not.
+    Other parameters of dim >= 2 are listed under their own qualified name.
     """
     owners: dict[int, list[str]] = {}
     for name, module in model.named_modules():
@@ -133,5 +172,19 @@ def select_layers(
         if module.weight.numel() < min_weights and not options:
             skipped[name] = f"too small ({module.weight.numel()} < {min_weights} weights)"
             continue
+        if "out_axis" in options and not (
+                isinstance(options["out_axis"], int)
+                and 0 <= options["out_axis"] < module.weight.dim()):
+            raise ConfigError(f"layer {name}: out_axis must be an axis of its weight "
+                              f"{tuple(module.weight.shape)}, got {options['out_axis']!r}")
         chosen.append(LayerRef(name, module, options))
+    hosts = {ref.name for ref in chosen}
+    for pname, _ in other_weights(model):
+        owner = pname.rpartition(".")[0]
+        if owner in hosts:
+            skipped[pname] = (f"kept dense: a parameter of compressed layer {owner} "
+                              "besides its weight")
+        else:
+            skipped[pname] = ("unsupported: only parameters named 'weight' are compressed "
+                              "(kept dense)")
     return chosen, skipped

@@ -1,105 +1,130 @@
 """Compressed layers: small stored tensors plus a decode, as ordinary nn.Modules.
 
-A `CompressedLayer` (a `StoredModule`) replaces one Linear / Conv / Embedding module. It
-declares the tensors it stores and their encodings in `stored()`; size accounting
-(`size.py`), the file format (`fileformat.py`) and the report all read that one
-declaration. `spec()` returns the JSON needed to rebuild an empty layer of the same shape
-(`from_spec`), into which `load_stored()` puts the saved tensors after validating them.
-A `StoredModule` with `attached = True` is a representation shared by several layers
-(SMH), added to the model rather than replacing a layer.
+A `CompressedLayer` (a `StoredModule`) replaces one module whose `forward` uses its own
+`weight` Parameter: nn.Linear / Conv / Embedding, but also their subclasses and foreign
+kinds (EfficientNet's same-padding convs, GPT-2's transposed `Conv1D`, LoRA-style wrappers).
+The original module is kept as `host`, without its weight; the layer runs the host's own
+`forward` with the decoded weight (`torch.func.functional_call`; plain nn.Linear and
+nn.ConvNd take a direct call, which is measurably cheaper: `benchmarks/layer_call.py`).
+So everything a module does besides holding its weight (padding, transposition, bias,
+extra adapters) keeps working, and the host's other tensors are stored at their dtype.
+
+Every stored module declares the tensors it stores and their encodings in `stored()`; size
+accounting (`size.py`), the file format (`fileformat.py`) and the report all read that one
+declaration. `spec()` is the JSON that rebuilds an empty layer around the host taken from
+`model_like` (`from_spec`); `load_stored()` then fills it. A `StoredModule` with
+`attached = True` is a representation shared by several layers (SMH), added to the model
+rather than replacing a layer.
 
 `PalettizedLayer` is the deployable form shared by the palette methods (k-means, DKM after
-snapping, PQF): each weight row is cut into d-dimensional subvectors (row-major over
-C_in, kh, kw, as in PQF, METHODS.md) and each subvector is an index into a per-layer
-codebook of k codewords, optionally times a per-output-channel scale.
+snapping, PQF): each output row of the weight (see `out_axis_of`) is cut into d-dimensional
+subvectors, and each subvector is an index into a per-layer codebook of k codewords,
+optionally times a per-output-channel scale (`channel_scales`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from .errors import FormatError
-from .size import Encoding, ceil_log2
+from .size import Encoding, ceil_log2, dtype_name
 
 LAYER_KINDS: dict[str, type[StoredModule]] = {}
 
-_CONV_ARGS = ("stride", "padding", "dilation", "groups")
+_CONV_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
 
 
-@dataclass(frozen=True)
-class OpSpec:
-    """How a dense layer applies its weight: type, weight shape and JSON-able arguments."""
-
-    type: str
-    weight_shape: tuple[int, ...]
-    args: dict[str, Any] = field(default_factory=dict)
-
-    @staticmethod
-    def from_module(module: nn.Module) -> OpSpec:
-        """Describe a supported module; raises TypeError with the reason otherwise."""
-        shape = tuple(module.weight.shape) if hasattr(module, "weight") else ()
-        if type(module) is nn.Linear:
-            return OpSpec("linear", shape)
-        if type(module) in (nn.Conv1d, nn.Conv2d):
-            if module.padding_mode != "zeros":
-                raise TypeError(f"padding_mode={module.padding_mode!r} is not supported")
-            if isinstance(module.padding, str):
-                raise TypeError(f"padding={module.padding!r} (string) is not supported")
-            args = {a: list(getattr(module, a)) if isinstance(getattr(module, a), tuple)
-                    else getattr(module, a) for a in _CONV_ARGS}
-            return OpSpec("conv1d" if type(module) is nn.Conv1d else "conv2d", shape, args)
-        if type(module) is nn.Embedding:
-            if module.max_norm is not None:
-                raise TypeError("Embedding with max_norm (which rewrites weights) is not supported")
-            return OpSpec("embedding", shape, {"padding_idx": module.padding_idx})
-        raise TypeError(f"{type(module).__name__} is not a supported layer type")
-
-    def to_json(self) -> dict[str, Any]:
-        return {"type": self.type, "weight_shape": list(self.weight_shape), "args": self.args}
-
-    @staticmethod
-    def from_json(obj: Any) -> OpSpec:
-        try:
-            op = OpSpec(str(obj["type"]), tuple(int(s) for s in obj["weight_shape"]),
-                        dict(obj.get("args", {})))
-        except (KeyError, TypeError, ValueError) as e:
-            raise FormatError(f"malformed layer op description {obj!r}: {e}") from None
-        if op.type not in ("linear", "conv1d", "conv2d", "embedding"):
-            raise FormatError(f"unknown layer op type {op.type!r}")
-        if any(s <= 0 for s in op.weight_shape) or len(op.weight_shape) < 2:
-            raise FormatError(f"invalid weight shape {op.weight_shape}")
-        return op
-
-    def apply(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-              ) -> torch.Tensor:
-        """Run the op with a (decoded) weight; the weight follows the input's dtype."""
-        if self.type == "embedding":
-            return F.embedding(x, weight, self.args.get("padding_idx"))
-        weight = weight.to(x.dtype)
-        bias = bias.to(x.dtype) if bias is not None else None
-        if self.type == "linear":
-            return F.linear(x, weight, bias)
-        conv = F.conv1d if self.type == "conv1d" else F.conv2d
-        a = self.args
-        return conv(x, weight, bias, _tup(a["stride"]), _tup(a["padding"]),
-                    _tup(a["dilation"]), int(a["groups"]))
+# ---------------------------------------------------------------------------------------
+# Layer kinds: which weight axis is the output channel
 
 
-def _tup(v: Any) -> Any:
-    return tuple(v) if isinstance(v, list) else v
+def is_gpt2_conv1d(module: nn.Module) -> bool:
+    """transformers' `Conv1D` (GPT-2 family): a linear layer whose weight is (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def out_axis_of(module: nn.Module) -> int:
+    """The axis of `module.weight` that indexes output channels (per-channel scales, PQF
+    rows and ALDS's folding all read rows along it):
+
+    | kind                                                    | weight shape        | axis |
+    |---------------------------------------------------------|---------------------|------|
+    | nn.Linear and subclasses (NonDynamicallyQuantizable...) | (out, in)           | 0    |
+    | nn.Conv1d/2d/3d and subclasses (same-padding convs)     | (out, in/g, *k)     | 0    |
+    | nn.ConvTranspose1d/2d/3d                                | (in, out/g, *k)     | 1    |
+    | transformers' Conv1D (GPT-2)                            | (in, out)           | 1    |
+    | nn.Embedding                                            | (tokens, dim)       | 0    |
+    | anything else                                           | -                   | 0    |
+
+    For unknown kinds, override per layer: `overrides={"name": {"out_axis": 1}}`.
+    """
+    if isinstance(module, nn.modules.conv._ConvTransposeNd) or is_gpt2_conv1d(module):
+        return 1
+    return 0
+
+
+def weight_rows(weight: torch.Tensor, out_axis: int) -> torch.Tensor:
+    """The weight as (output channels, everything else): row i holds output channel i's
+    weights in the order of the remaining axes (C_in-major, then kh, kw for convs)."""
+    return weight.movedim(out_axis, 0).reshape(weight.shape[out_axis], -1)
+
+
+def rows_to_weight(rows: torch.Tensor, shape: tuple[int, ...], out_axis: int) -> torch.Tensor:
+    """Inverse of `weight_rows`: back to the weight's own shape."""
+    moved = (shape[out_axis],) + tuple(s for i, s in enumerate(shape) if i != out_axis)
+    return rows.reshape(moved).movedim(0, out_axis)
+
+
+def channel_scales(rows: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row scale max|w|, rounded to its storage dtype, and the rows divided by it.
+
+    Finite by construction: a scale above the dtype's range is clamped to its largest
+    value; a row whose scale rounds to zero (all zero, or max |w| below the dtype's
+    smallest subnormal, as in EfficientNet-Lite0's dead channels) gets scale 0 and
+    normalised values 0, so it decodes to exact zeros. Returns (scale (rows,) fp32 holding
+    exactly the stored values, normalised rows fp32).
+    """
+    rows = rows.float()
+    tdtype = getattr(torch, dtype)
+    top = torch.finfo(tdtype).max
+    scale = rows.abs().amax(1).clamp_max(top).to(tdtype).float()
+    live = scale > 0
+    normalised = torch.where(live[:, None], rows / torch.where(live, scale, 1.0)[:, None],
+                             torch.zeros_like(rows))
+    return scale, normalised
+
+
+def compressible(module: nn.Module) -> str | None:
+    """None when `module.weight` can be replaced by a decoded tensor, else why not."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, nn.Parameter) or weight.dim() < 2:
+        return "no weight Parameter of 2 or more dimensions"
+    if not weight.is_floating_point():
+        return f"weight dtype {dtype_name(weight.dtype)} is not floating point"
+    if isinstance(module, nn.Embedding) and module.max_norm is not None:
+        return "Embedding with max_norm rewrites its weight in forward"
+    if hasattr(module, "parametrizations"):
+        return "the weight is already parametrized (torch.nn.utils.parametrize)"
+    return None
 
 
 def register_layer(cls: type[StoredModule]) -> type[StoredModule]:
     """Class decorator: make a stored module kind loadable from files."""
     LAYER_KINDS[cls.kind] = cls
     return cls
+
+
+def type_name(module: nn.Module) -> str:
+    """'package.module.Class' of a module: what a file records about a layer's host."""
+    cls = type(module)
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 class StoredModule(nn.Module):
@@ -128,24 +153,33 @@ class StoredModule(nn.Module):
         return {"kind": self.kind, **self.spec_extra()}
 
     @classmethod
-    def _build(cls, spec: dict[str, Any]) -> StoredModule:
-        """An empty module (right shapes, any values) for `spec`; raises on bad settings."""
+    def _build(cls, spec: dict[str, Any], target: nn.Module | None) -> StoredModule:
+        """An empty module (right shapes, any values) for `spec`; raises on bad settings.
+
+        `target` is the model's module this one replaces (None for attached modules).
+        The loader calls this under `torch.device("meta")`: shapes only, no memory.
+        """
         raise NotImplementedError
 
     @staticmethod
-    def from_spec(spec: Any) -> StoredModule:
+    def from_spec(spec: Any, target: nn.Module | None = None) -> StoredModule:
         """Rebuild an empty module from `spec()` output; FormatError on a bad spec."""
         kind = spec.get("kind") if isinstance(spec, dict) else None
         if kind not in LAYER_KINDS:
             raise FormatError(f"unknown compressed layer kind {kind!r} "
                               f"(known: {', '.join(sorted(LAYER_KINDS))})")
         try:
-            return LAYER_KINDS[kind]._build(spec)
-        except (KeyError, TypeError, ValueError) as e:
+            return LAYER_KINDS[kind]._build(spec, target)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise FormatError(f"invalid settings for a {kind} layer: {e}") from None
 
     def validate(self) -> None:
-        """Check loaded values (e.g. codes in range); raise FormatError otherwise."""
+        """Check loaded values; raise FormatError otherwise. The default rejects any
+        non-finite stored float (what `save` and `load` both refuse)."""
+        for name, (t, _) in self.stored().items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise FormatError(f"non-finite values in stored tensor {name!r} of a "
+                                  f"{self.kind} layer")
 
     def describe(self) -> str:
         """A short human-readable summary for the report."""
@@ -178,80 +212,172 @@ class StoredModule(nn.Module):
 
 
 class CompressedLayer(StoredModule):
-    """Base of every compressed layer: an op, an optional dense bias, and a weight decoder.
+    """Base of every compressed layer: the host module without its weight, and a decoder.
 
-    Subclasses implement `decode_weight`, `stored_extra`, `spec_extra`, `_allocate` and
-    may override `forward` (e.g. factorised layers that run two smaller ops).
+    Built from a module that still has its `weight`; the weight is removed from the host
+    (its shape, dtype and output axis are kept). `forward` runs the host's own forward with
+    the decoded weight cast to the weight's dtype (which follows `.to()`). Attributes the
+    layer lacks are read from the host (`layer.bias`, `layer.in_features`), and
+    `layer.weight` is the decoded weight, so parents that read `child.weight` (as
+    nn.MultiheadAttention does with `out_proj`) keep working.
+
+    Subclasses implement `decode_weight`, `stored_extra`, `spec_extra` and `_allocate`,
+    and may override `forward` (e.g. factorised layers that run two smaller ops).
     """
 
-    def __init__(self, op: OpSpec, bias: torch.Tensor | None) -> None:
+    def __init__(self, module: nn.Module, out_axis: int | None = None) -> None:
         super().__init__()
-        self.op = op
-        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        weight = module._parameters.get("weight")
+        if weight is None:
+            raise ValueError(f"{type(module).__name__} has no weight Parameter")
+        self.weight_shape: tuple[int, ...] = tuple(weight.shape)
+        axis = out_axis_of(module) if out_axis is None else int(out_axis)
+        if not 0 <= axis < len(self.weight_shape):
+            raise ValueError(f"out_axis {axis} out of range for weight {self.weight_shape}")
+        self.out_axis = axis
+        # zero-size: only its dtype matters; float buffers follow .to(dtype) / .half()
+        self.register_buffer("_dtype_ref", torch.empty(0, dtype=weight.dtype,
+                                                       device=weight.device), persistent=False)
+        del module._parameters["weight"]
+        self.host = module
 
     # -- what subclasses provide -----------------------------------------------------
     def decode_weight(self) -> torch.Tensor:
-        """The dense weight this layer computes with (shape `op.weight_shape`)."""
+        """The dense weight this layer computes with (shape `weight_shape`)."""
         raise NotImplementedError
 
     def stored_extra(self) -> dict[str, tuple[torch.Tensor, Encoding]]:
-        """The method's own stored tensors and encodings (bias is added by the base)."""
+        """The method's own stored tensors and encodings (the host's are added)."""
         raise NotImplementedError
 
     @classmethod
-    def _allocate(cls, op: OpSpec, has_bias: bool, extra: dict[str, Any]) -> CompressedLayer:
-        """An empty layer (right shapes, any values) for `spec`; raises on bad settings."""
+    def _allocate(cls, module: nn.Module, out_axis: int, extra: dict[str, Any]
+                  ) -> CompressedLayer:
+        """An empty layer around `module` (which still has a weight) for the settings
+        `extra`; raises ValueError on settings that do not fit the weight."""
         raise NotImplementedError
 
     # -- shared machinery -------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op.apply(x, self.decode_weight(), self.bias)
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return self._dtype_ref.dtype
+
+    @property
+    def n_rows(self) -> int:
+        """Output channels (rows along `out_axis`)."""
+        return self.weight_shape[self.out_axis]
+
+    @property
+    def row_len(self) -> int:
+        return math.prod(self.weight_shape) // self.n_rows
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return call_with_weight(self.host, self.decode_weight().to(self.weight_dtype),
+                                args, kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            host = self.__dict__.get("_modules", {}).get("host")
+            if host is None or name.startswith("__"):
+                raise
+        if name == "weight":
+            return self.decode_weight().to(self.weight_dtype)
+        return getattr(host, name)
+
+    def host_state(self) -> dict[str, torch.Tensor]:
+        """The host's own tensors (bias, adapters, ...), outside nested stored modules."""
+        nested = tuple(f"{n}." for n, m in self.host.named_modules()
+                       if n and isinstance(m, StoredModule))
+        return {k: v for k, v in self.host.state_dict(keep_vars=True).items()
+                if not k.startswith(nested)}
 
     def stored(self) -> dict[str, tuple[torch.Tensor, Encoding]]:
         out = dict(self.stored_extra())
-        if self.bias is not None:
-            out["bias"] = (self.bias, Encoding.of(self.bias.dtype))
+        for name, t in self.host_state().items():
+            out[f"host.{name}"] = (t, Encoding.of(t.dtype))
         return out
 
     def spec(self) -> dict[str, Any]:
-        return {"kind": self.kind, "op": self.op.to_json(), "bias": self.bias is not None,
+        return {"kind": self.kind, "host": type_name(self.host),
+                "weight_shape": list(self.weight_shape),
+                "weight_dtype": dtype_name(self.weight_dtype), "out_axis": self.out_axis,
                 **self.spec_extra()}
 
     @classmethod
-    def _build(cls, spec: dict[str, Any]) -> CompressedLayer:
-        op = OpSpec.from_json(spec.get("op"))
-        extra = {k: v for k, v in spec.items() if k not in ("kind", "op", "bias")}
-        return cls._allocate(op, bool(spec.get("bias")), extra)
+    def _build(cls, spec: dict[str, Any], target: nn.Module | None) -> CompressedLayer:
+        if target is None:
+            raise FormatError("a compressed layer needs the model's module it replaces")
+        module = host_for_load(target)
+        if type_name(module) != spec["host"]:
+            raise FormatError(f"file layer wraps a {spec['host']}, the model has a "
+                              f"{type_name(module)}: wrong architecture?")
+        shape = tuple(int(s) for s in spec["weight_shape"])
+        if tuple(module.weight.shape) != shape:
+            raise FormatError(f"file has weight shape {shape}, the model has "
+                              f"{tuple(module.weight.shape)}: wrong architecture?")
+        extra = {k: v for k, v in spec.items()
+                 if k not in ("kind", "host", "weight_shape", "weight_dtype", "out_axis")}
+        return cls._allocate(module, int(spec["out_axis"]), extra)
 
     def extra_repr(self) -> str:
-        return f"{self.op.type}, weight={self.op.weight_shape}"
+        return f"{type(self.host).__name__}, weight={self.weight_shape}"
+
+
+def call_with_weight(host: nn.Module, weight: torch.Tensor, args: tuple[Any, ...],
+                     kwargs: dict[str, Any]) -> Any:
+    """Run `host.forward` with `weight` in place of its weight Parameter."""
+    forward = type(host).forward
+    if len(args) == 1 and not kwargs:
+        if forward is nn.Linear.forward:
+            return F.linear(args[0], weight, host.bias)
+        if forward in _CONV_FORWARDS:
+            return host._conv_forward(args[0], weight, host.bias)
+    return functional_call(host, {"weight": weight}, args, kwargs)
+
+
+def host_for_load(target: nn.Module) -> nn.Module:
+    """The module a loaded layer wraps: `target` itself, or, when `target` is already a
+    compressed layer (model_like was compressed), its host given back a weight Parameter
+    of the right shape and dtype on the meta device (its values come from the file)."""
+    if not isinstance(target, CompressedLayer):
+        return target
+    import copy
+
+    host = copy.deepcopy(target.host)
+    host.weight = nn.Parameter(torch.empty(target.weight_shape, dtype=target.weight_dtype,
+                                           device="meta"))
+    return host
 
 
 @register_layer
 class PalettizedLayer(CompressedLayer):
     """Weight = codebook[codes] (x per-row scale): palettization / product quantization.
 
-    codes: (rows, row_len / d) int64 buffer, rows = weight.shape[0]; codebook: (k, d)
-    trainable (fp32 in memory, stored at `codebook_dtype`); scale: optional (rows,)
-    trainable per-output-channel scale. Codes are stored at ceil(log2 k) bits.
+    Rows are the weight's output channels (`out_axis_of`), each cut into subvectors of d
+    consecutive entries (C_in-major, then kh, kw: PQF's layout, METHODS.md). codes:
+    (rows, row_len / d) int32 buffer; codebook: (k, d) trainable (fp32 in memory, stored
+    at `codebook_dtype`); scale: optional (rows,) trainable per-output-channel scale.
+    Codes are stored bit-packed at ceil(log2 k) bits.
     """
 
     kind = "palette"
 
-    def __init__(self, op: OpSpec, bias: torch.Tensor | None, codes: torch.Tensor,
-                 codebook: torch.Tensor, scale: torch.Tensor | None = None,
-                 codebook_dtype: str = "float16") -> None:
-        super().__init__(op, bias)
-        rows, row_len = op.weight_shape[0], math.prod(op.weight_shape[1:])
+    def __init__(self, module: nn.Module, codes: torch.Tensor, codebook: torch.Tensor,
+                 scale: torch.Tensor | None = None, codebook_dtype: str = "float16",
+                 out_axis: int | None = None) -> None:
+        super().__init__(module, out_axis)
+        rows, row_len = self.n_rows, self.row_len
         k, d = codebook.shape
         if row_len % d or tuple(codes.shape) != (rows, row_len // d):
             raise ValueError(f"codes {tuple(codes.shape)} / codebook {tuple(codebook.shape)} "
-                             f"do not fit weight {op.weight_shape}")
+                             f"do not fit weight {self.weight_shape}")
         if scale is not None and tuple(scale.shape) != (rows,):
             raise ValueError(f"scale must have shape ({rows},), got {tuple(scale.shape)}")
         Encoding.of(codebook_dtype)  # validates the name
         self.codebook_dtype = codebook_dtype
-        self.register_buffer("codes", codes.detach().to(torch.int64).clone())
+        self.register_buffer("codes", codes.detach().to(torch.int32).clone())
         self.codebook = nn.Parameter(codebook.detach().float().clone())
         self.scale = nn.Parameter(scale.detach().float().clone()) if scale is not None else None
 
@@ -266,7 +392,7 @@ class PalettizedLayer(CompressedLayer):
         w = F.embedding(self.codes, self.codebook).reshape(self.codes.shape[0], -1)
         if self.scale is not None:
             w = w * self.scale[:, None]
-        return w.reshape(self.op.weight_shape)
+        return rows_to_weight(w, self.weight_shape, self.out_axis)
 
     def stored_extra(self) -> dict[str, tuple[torch.Tensor, Encoding]]:
         out = {"codes": (self.codes, Encoding.codes(self.bits)),
@@ -281,17 +407,17 @@ class PalettizedLayer(CompressedLayer):
                 "codebook_dtype": self.codebook_dtype}
 
     @classmethod
-    def _allocate(cls, op: OpSpec, has_bias: bool, extra: dict[str, Any]) -> PalettizedLayer:
+    def _allocate(cls, module: nn.Module, out_axis: int, extra: dict[str, Any]
+                  ) -> PalettizedLayer:
         k, d = int(extra["k"]), int(extra["d"])
-        if not 1 <= k <= 2**16 or d < 1:
-            raise ValueError(f"codebook size k={k}, d={d} out of range")
-        rows, row_len = op.weight_shape[0], math.prod(op.weight_shape[1:])
-        if row_len % d:
-            raise ValueError(f"d={d} does not divide the row length {row_len}")
-        return cls(op, torch.zeros(rows) if has_bias else None,
-                   torch.zeros(rows, row_len // d, dtype=torch.int64), torch.zeros(k, d),
-                   torch.ones(rows) if extra.get("scale") else None,
-                   str(extra.get("codebook_dtype", "float16")))
+        shape = tuple(module.weight.shape)
+        rows = shape[out_axis]
+        row_len = math.prod(shape) // rows
+        if not 1 <= k <= 2**16 or not 1 <= d <= row_len or row_len % d:
+            raise ValueError(f"codebook size k={k}, d={d} does not fit rows of {row_len}")
+        return cls(module, torch.zeros(rows, row_len // d, dtype=torch.int32),
+                   torch.zeros(k, d), torch.ones(rows) if extra.get("scale") else None,
+                   str(extra.get("codebook_dtype", "float16")), out_axis)
 
     def describe(self) -> str:
         k, d = self.codebook.shape
@@ -304,9 +430,7 @@ class PalettizedLayer(CompressedLayer):
         if self.codes.numel() and (int(self.codes.min()) < 0 or int(self.codes.max()) >= k):
             raise FormatError(f"codes out of range: found {int(self.codes.max())}, "
                               f"codebook has {k} entries")
-        if not all(torch.isfinite(t).all() for t, enc in self.stored().values()
-                   if t.is_floating_point()):
-            raise FormatError("non-finite values in a palettized layer")
+        super().validate()
 
 
 def stored_modules(model: nn.Module) -> Iterator[tuple[str, StoredModule]]:

@@ -14,14 +14,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 from tqdm import tqdm
 
 from ..errors import ConfigError
 from ..graph import LayerRef
 from ..kmeans import kmeans
-from ..layers import OpSpec, PalettizedLayer, set_module
+from ..layers import (
+    PalettizedLayer,
+    channel_scales,
+    compressible,
+    out_axis_of,
+    set_module,
+    weight_rows,
+)
 from ..size import Budget, Encoding, Option, allocate
 from . import Method, register_method
 
@@ -55,11 +61,11 @@ class KMeansConfig:
                               f"got {self.codebook_dtype!r}")
 
 
-def _side_bits(module: nn.Module, bits: int, per_channel: bool, dtype: str) -> int:
+def _side_bits(ref: LayerRef, bits: int, per_channel: bool, dtype: str) -> int:
     """Stored bits of one palettized layer except its bias (which counts as fixed)."""
     enc = Encoding.of(dtype)
-    rows = module.weight.shape[0]
-    return (Encoding.codes(bits).nbits(module.weight.numel()) + enc.nbits(2**bits)
+    rows = ref.module.weight.shape[ref.out_axis]
+    return (Encoding.codes(bits).nbits(ref.n_weights) + enc.nbits(2**bits)
             + (enc.nbits(rows) if per_channel else 0))
 
 
@@ -69,30 +75,24 @@ class KMeansMethod(Method):
     summary = "post-training scalar palettization (k-means per layer), the baseline"
 
     def supports(self, module: nn.Module) -> str | None:
-        try:
-            OpSpec.from_module(module)
-        except TypeError as e:
-            return str(e)
-        return None
+        return compressible(module)
 
     def _bits_per_layer(self, layers: list[LayerRef], budget: Budget, cfg: KMeansConfig
                         ) -> list[int]:
-        def opt(ref: LayerRef, key: str) -> Any:
-            return ref.options.get(key, getattr(cfg, key))
-
-        fixed = [opt(r, "bits") for r in layers]
+        fixed = [r.option(cfg, "bits") for r in layers]
         target = budget.target
         if target.kind == "bits" and float(target.value).is_integer():
             return [f if f is not None else int(target.value) for f in fixed]
         counts_side = target.kind != "bits"
         options: list[list[Option]] = []
         for ref, f in zip(layers, fixed):
-            lo, hi = (f, f) if f is not None else (opt(ref, "min_bits"), opt(ref, "max_bits"))
+            lo, hi = (f, f) if f is not None else (ref.option(cfg, "min_bits"),
+                                                   ref.option(cfg, "max_bits"))
             var = float(ref.module.weight.detach().float().var()) if ref.n_weights > 1 else 0.0
             per_layer = []
             for b in range(lo, hi + 1):
-                size = (_side_bits(ref.module, b, opt(ref, "per_channel"),
-                                   opt(ref, "codebook_dtype"))
+                size = (_side_bits(ref, b, ref.option(cfg, "per_channel"),
+                                   ref.option(cfg, "codebook_dtype"))
                         if counts_side else b * ref.n_weights)
                 per_layer.append(Option(b, size, ref.n_weights * var * 2.0 ** (-2 * b)))
             options.append(per_layer)
@@ -113,39 +113,35 @@ class KMeansMethod(Method):
         progress = tqdm(list(zip(layers, bits)), desc="kmeans", unit="layer", disable=None,
                         leave=False)
         for i, (ref, b) in enumerate(progress):
-            opts = {k: ref.options.get(k, getattr(config, k))
-                    for k in ("per_channel", "codebook_dtype")}
-            layer = palettize(ref.module, b, per_channel=opts["per_channel"],
-                              codebook_dtype=opts["codebook_dtype"], iters=config.iters,
-                              seed=seed + i)
+            layer = palettize(ref.module, b, per_channel=ref.option(config, "per_channel"),
+                              codebook_dtype=ref.option(config, "codebook_dtype"),
+                              iters=config.iters, seed=seed + i, out_axis=ref.out_axis)
             set_module(model, ref.name, layer)
 
 
 def palettize(module: nn.Module, bits: int, *, per_channel: bool = True,
-              codebook_dtype: str = "float16", iters: int = 30, seed: int = 0
-              ) -> PalettizedLayer:
-    """Scalar k-means palettization of one Linear/Conv/Embedding module at `bits` bits.
+              codebook_dtype: str = "float16", iters: int = 30, seed: int = 0,
+              out_axis: int | None = None) -> PalettizedLayer:
+    """Scalar k-means palettization of one module's weight at `bits` bits (the module is
+    consumed: it becomes the layer's host).
 
     The per-channel scale is rounded to its storage dtype before clustering, so the codes
-    are chosen for the scale that will be saved.
+    are chosen for the scale that will be saved; dead rows decode to exact zeros
+    (`layers.channel_scales`).
     """
-    op = OpSpec.from_module(module)
-    w = module.weight.detach().float().cpu()
-    rows = w.shape[0]
-    flat = w.reshape(rows, -1)
+    axis = out_axis_of(module) if out_axis is None else out_axis
+    rows = weight_rows(module.weight.detach().float().cpu(), axis)
     scale = None
     if per_channel:
-        scale = flat.abs().amax(1)
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        scale = scale.to(getattr(torch, codebook_dtype)).float()
-        flat = flat / scale[:, None]
+        scale, rows = channel_scales(rows, codebook_dtype)
     # k-means++ seeding is sequential in k: past 1024 centroids random seeding is used
     init = "kmeans++" if bits <= 10 else "random"
-    result = kmeans(flat.reshape(-1), 2**bits, iters=iters, seed=seed, init=init)
-    codes = result.labels.reshape(rows, -1)
-    bias = module.bias.detach().cpu() if getattr(module, "bias", None) is not None else None
-    layer = PalettizedLayer(op, bias, codes, result.centroids, scale, codebook_dtype)
-    return layer.to(module.weight.device)
+    result = kmeans(rows.reshape(-1), 2**bits, iters=iters, seed=seed, init=init)
+    device = module.weight.device
+    codes = result.labels.reshape(rows.shape[0], -1)
+    layer = PalettizedLayer(module, codes.to(device), result.centroids.to(device),
+                            None if scale is None else scale.to(device), codebook_dtype, axis)
+    return layer
 
 
 register_method(KMeansMethod())
