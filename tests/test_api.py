@@ -41,7 +41,7 @@ def test_per_tensor_palette_has_at_most_2b_values(bits, small_net):
 def test_per_channel_palette_has_at_most_2b_values_per_row(small_net):
     small = netshrink.compress(small_net, target="2bit", min_weights=256)
     for _, layer in compressed_layers(small):
-        w = layer.decode_weight().reshape(layer.op.weight_shape[0], -1)
+        w = layer.decode_weight().reshape(layer.weight_shape[0], -1)
         assert max(torch.unique(row).numel() for row in w) <= 4
         assert layer.scale is not None
 
@@ -66,11 +66,12 @@ def test_sqnr_matches_definition(small_net):
 
 
 def test_size_targets_are_met(small_net):
-    for target in ("x8", "6KB", "x5"):
+    for target in ("x5", "6KB", "x4"):
         small = netshrink.compress(small_net, target=target, min_weights=256)
         t = netshrink.parse_target(target)
         limit = t.value * 8 if t.kind == "bytes" else netshrink.size.fp32_bits(small_net) / t.value
-        assert netshrink.model_bits(small) <= limit
+        file_bits = 8 * len(netshrink.fileformat.to_bytes(small))
+        assert file_bits <= limit
 
 
 def test_report_lists_skipped_with_reasons(small_net):
@@ -80,7 +81,8 @@ def test_report_lists_skipped_with_reasons(small_net):
     assert rep.skipped["fc"] == "too small (480 < 500 weights)"
     text = str(rep)
     assert "stem" in text and "SQNR" in text and "fp32 baseline" in text
-    assert rep.ratio == pytest.approx(rep.baseline_bytes / rep.compressed_bytes)
+    file_bytes = rep.compressed_bytes + rep.header_bytes
+    assert rep.ratio == pytest.approx(rep.baseline_bytes / file_bytes)
 
 
 def test_layer_selection_exclusion_and_overrides(small_net):
@@ -114,12 +116,12 @@ def test_bad_config_raises(small_net):
 
 
 def test_unsupported_layers_are_skipped_with_reason():
-    m = nn.Sequential(nn.Conv2d(4, 64, 3, padding=1, padding_mode="reflect"),
-                      nn.ConvTranspose2d(64, 64, 3), nn.Conv2d(64, 64, 3))
+    m = nn.Sequential(nn.Embedding(512, 64, max_norm=1.0), nn.Conv1d(64, 64, 3),
+                      nn.ConvTranspose2d(64, 64, 3))
     small = netshrink.compress(m, target="4bit")
     skipped = netshrink.report(small).skipped
-    assert "reflect" in skipped["0"] and "ConvTranspose2d" in skipped["1"]
-    assert isinstance(small[2], PalettizedLayer)
+    assert set(skipped) == {"0"} and "max_norm" in skipped["0"]
+    assert isinstance(small[1], PalettizedLayer) and isinstance(small[2], PalettizedLayer)
 
 
 def test_finetune_improves_accuracy_of_2bit_model(small_net, toy_loader):
@@ -161,14 +163,12 @@ def test_wide_codes_up_to_16_bits_round_trip(tmp_path):
 def test_codebook_gradients_are_deterministic():
     """Fine-tuning must give the same bytes every run: the codebook gradient (a sum over
     every weight using a codeword) must not depend on thread scheduling."""
-    from netshrink.layers import OpSpec
-
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 4, (64, 576), generator=g)
     grad_out = torch.randn(64, 576, generator=g)
     grads = set()
     for _ in range(10):
-        layer = PalettizedLayer(OpSpec("linear", (64, 576)), None, codes,
+        layer = PalettizedLayer(nn.Linear(576, 64, bias=False), codes,
                                 torch.linspace(-1, 1, 4)[:, None], torch.ones(64))
         (layer.decode_weight() * grad_out).sum().backward()
         grads.add(tuple(layer.codebook.grad.flatten().tolist()))

@@ -43,6 +43,6 @@ def test_end_to_end(tmp_path, monkeypatch, capsys):
     assert "accuracy" in capsys.readouterr().out
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "header and manifest" in text and "layer1.0.conv1" in text
+    assert "B header" in text and "layer1.0.conv1" in text and "weights (" in text
     assert main(["inspect", str(out), "--json"]) == 0
     assert '"version": 1' in capsys.readouterr().out

@@ -8,21 +8,30 @@
 """
 
 from .api import compress, sqnr_db
-from .errors import ConfigError, DataError, FormatError, InfeasibleTargetError, NetshrinkError
+from .errors import (
+    ConfigError,
+    DataError,
+    FormatError,
+    IncompleteCompressionError,
+    InfeasibleTargetError,
+    NetshrinkError,
+    NonFiniteError,
+)
 from .fileformat import inspect_file, load, save
 from .kmeans import kmeans
 from .layers import CompressedLayer, PalettizedLayer
 from .methods import Method, get_method, methods, register_method
 from .report import Report, report
 from .size import Target, model_bits, parse_target
-from .train import Finetune, StepHook, evaluate, fit
+from .train import Finetune, StepHook, agreement, evaluate, fidelity, fit
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CompressedLayer", "ConfigError", "DataError", "Finetune", "FormatError",
-    "InfeasibleTargetError", "Method", "NetshrinkError", "PalettizedLayer", "Report",
-    "StepHook", "Target", "compress", "evaluate", "fit", "get_method", "inspect_file",
+    "IncompleteCompressionError", "InfeasibleTargetError", "Method", "NetshrinkError",
+    "NonFiniteError", "PalettizedLayer", "Report", "StepHook", "Target", "agreement",
+    "compress", "evaluate", "fidelity", "fit", "get_method", "inspect_file",
     "kmeans", "load", "methods", "model_bits", "parse_target", "register_method", "report",
     "save", "sqnr_db",
 ]

@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="method option, e.g. --option per_channel=false (repeatable)")
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--strict", action="store_true",
+                   help="fail instead of warning when less than half of the weights (or an "
+                        "unsupported layer of over 1%% of them) cannot be compressed")
     c.add_argument("--checkpoint-dir", help="fine-tuning checkpoints (one per epoch)")
     c.add_argument("--resume", action="store_true", help="resume fine-tuning from "
                                                           "--checkpoint-dir")
@@ -152,7 +155,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
                             bn_recalibration_batches=args.bn_recalibration)
     options = dict(_parse_option(o) for o in args.option)
     small = api.compress(model, args.method, args.target, data=train, finetune=finetune,
-                         min_weights=args.min_weights, seed=args.seed, **options)
+                         min_weights=args.min_weights, seed=args.seed, strict=args.strict,
+                         **options)
     if not is_main_process():
         return
     size = fileformat.save(small, args.output)
@@ -187,11 +191,8 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(info["manifest"], indent=1, sort_keys=True))
         return
-    rep = report_from_manifest(info["manifest"])
+    rep = report_from_manifest(info["manifest"], info["header_bytes"])
     print(rep)
-    data = info["file_bytes"] - info["header_bytes"]
-    print(f"file {info['file_bytes']} B = {data} B stored tensors (accounted) + "
-          f"{info['header_bytes']} B header and manifest")
 
 
 def cmd_methods(_: argparse.Namespace) -> None:

@@ -21,3 +21,11 @@ class FormatError(NetshrinkError):
 
 class DataError(NetshrinkError):
     """A data set is missing or malformed (the message says how to install it)."""
+
+
+class IncompleteCompressionError(ConfigError):
+    """`compress(..., strict=True)` found too little of the model compressible."""
+
+
+class NonFiniteError(NetshrinkError, ValueError):
+    """A weight is NaN or infinite (in the input model, or after encoding)."""

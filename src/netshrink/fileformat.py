@@ -34,8 +34,8 @@ from torch import nn
 from .atomic import atomic_write
 from .bitpack import pack_bits, packed_nbytes, unpack_bits
 from .errors import ConfigError, FormatError
-from .layers import CompressedLayer, StoredModule, set_module, stored_modules
-from .size import Encoding, dense_state, dtype_name, with_aliases
+from .layers import LAYER_KINDS, CompressedLayer, StoredModule, set_module, stored_modules
+from .size import Encoding, dense_state, with_aliases
 
 FORMAT_NAME = "netshrink"
 FORMAT_VERSION = 1
@@ -48,31 +48,47 @@ _MAX_HEADER = 100 * 2**20
 
 
 class _BlobWriter:
-    """Appends tensors to per-encoding flat blobs and remembers offsets."""
+    """Appends tensors to per-encoding flat blobs and remembers offsets.
 
-    def __init__(self) -> None:
+    A dry writer only counts (no packing, no copies): `blobs()` then returns uninitialised
+    blobs of the right sizes, enough to measure the header exactly.
+    """
+
+    def __init__(self, dry: bool = False) -> None:
+        self.dry = dry
         self.parts: dict[str, list[torch.Tensor]] = {}
         self.sizes: dict[str, int] = {}
 
     def add(self, tensor: torch.Tensor, enc: Encoding) -> int:
-        if enc.packed:
-            data, blob = pack_bits(tensor, enc.bits), CODES_BLOB
-        else:
-            data, blob = tensor.detach().to("cpu", enc.torch_dtype).reshape(-1), enc.name
+        blob = CODES_BLOB if enc.packed else enc.name
         offset = self.sizes.get(blob, 0)
-        self.parts.setdefault(blob, []).append(data)
-        self.sizes[blob] = offset + data.numel()
+        if self.dry:
+            length = enc.nbytes(tensor.numel()) if enc.packed else tensor.numel()
+        else:
+            if enc.packed:
+                data = pack_bits(tensor, enc.bits)
+            else:
+                data = tensor.detach().to("cpu", enc.torch_dtype).reshape(-1)
+            self.parts.setdefault(blob, []).append(data)
+            length = data.numel()
+        self.sizes[blob] = offset + length
         return offset
 
     def blobs(self) -> dict[str, torch.Tensor]:
+        if self.dry:
+            return {name: torch.empty(n, dtype=torch.uint8 if name == CODES_BLOB
+                                      else Encoding(name).torch_dtype)
+                    for name, n in self.sizes.items()}
         return {name: torch.cat(parts).contiguous() for name, parts in self.parts.items()}
 
 
-def build_manifest(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The manifest and blobs that `save` writes (exposed for tests and tools)."""
+def build_manifest(model: nn.Module, dry: bool = False
+                   ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The manifest and blobs that `save` writes (exposed for tests and tools); `dry`
+    gives the same manifest with placeholder blobs (see `header_bytes`)."""
     from .zoo import arch_of
 
-    writer = _BlobWriter()
+    writer = _BlobWriter(dry)
     layers: dict[str, Any] = {}
     comp = dict(stored_modules(model))
     for name, layer in comp.items():
@@ -118,8 +134,30 @@ def to_bytes(model: nn.Module) -> bytes:
     return st_save(blobs, metadata={FORMAT_NAME: encode_manifest(manifest)})
 
 
+def header_bytes(model: nn.Module) -> int:
+    """Bytes of the file that are not stored tensors: the safetensors header (which holds
+    the manifest) and its 8-byte length. Measured exactly, without packing any codes."""
+    manifest, blobs = build_manifest(model, dry=True)
+    data = st_save(blobs, metadata={FORMAT_NAME: encode_manifest(manifest)})
+    return len(data) - sum(b.numel() * b.element_size() for b in blobs.values())
+
+
+def check_savable(model: nn.Module) -> None:
+    """Raise FormatError when `load` would reject what `save` is about to write (for
+    example non-finite codebook values): a refused save leaves no unloadable file."""
+    for name, module in stored_modules(model):
+        try:
+            module.validate()
+        except FormatError as e:
+            raise FormatError(f"refusing to save: layer {name!r}: {e}") from None
+
+
 def save(model: nn.Module, path: str | os.PathLike[str]) -> int:
-    """Write `model` (compressed or not) to a .nsk file atomically; return its size."""
+    """Write `model` (compressed or not) to a .nsk file atomically; return its size.
+
+    Validates every stored module first (the checks `load` makes), so a file that would
+    not load is never written."""
+    check_savable(model)
     data = to_bytes(model)
     atomic_write(Path(path), data)
     return len(data)
@@ -165,67 +203,116 @@ def read_manifest(raw: bytes) -> dict[str, Any]:
 
 
 class _BlobReader:
+    """Reads logical tensors out of the file's blobs; `locate` checks an entry against the
+    bytes present without reading or allocating anything."""
+
     def __init__(self, blobs: dict[str, torch.Tensor]) -> None:
         self.blobs = blobs
 
-    def get(self, enc_name: Any, shape: Any, offset: Any) -> torch.Tensor:
+    def locate(self, desc: Any) -> tuple[Encoding, tuple[int, ...], int, int]:
+        """(encoding, shape, offset, length in blob elements) of a tensor entry, after
+        checking that it lies inside its blob; FormatError otherwise."""
+        if not isinstance(desc, list) or len(desc) != 3:
+            raise FormatError(f"malformed tensor entry {desc!r}")
+        enc_name, shape, offset = desc
         try:
             enc = Encoding(str(enc_name))
-            shape = [int(s) for s in shape]
+            shape = tuple(int(s) for s in shape)
             offset = int(offset)
-        except (ValueError, TypeError) as e:
-            raise FormatError(f"bad tensor entry {[enc_name, shape, offset]}: {e}") from None
+        except (ValueError, TypeError, ConfigError) as e:
+            raise FormatError(f"bad tensor entry {desc}: {e}") from None
         if any(s < 0 for s in shape) or offset < 0:
-            raise FormatError(f"negative shape or offset in {[enc_name, shape, offset]}")
-        numel = math.prod(shape)
+            raise FormatError(f"negative shape or offset in {desc}")
         blob_name = CODES_BLOB if enc.packed else enc.name
         blob = self.blobs.get(blob_name)
         if blob is None:
             raise FormatError(f"blob {blob_name!r} is missing")
-        length = packed_nbytes(numel, enc.bits) if enc.packed else numel
         expected = torch.uint8 if enc.packed else enc.torch_dtype
         if blob.dtype != expected or blob.dim() != 1:
             raise FormatError(f"blob {blob_name!r} has dtype {blob.dtype}, expected {expected}")
+        numel = math.prod(shape)
+        length = packed_nbytes(numel, enc.bits) if enc.packed else numel
         if offset + length > blob.numel():
-            raise FormatError(f"tensor at {offset}+{length} runs past the end of blob "
-                              f"{blob_name!r} ({blob.numel()} elements)")
+            raise FormatError(f"tensor {desc} runs past the end of blob {blob_name!r} "
+                              f"({blob.numel()} elements)")
+        return enc, shape, offset, length
+
+    def get(self, desc: Any) -> torch.Tensor:
+        enc, shape, offset, length = self.locate(desc)
+        blob = self.blobs[CODES_BLOB if enc.packed else enc.name]
         piece = blob[offset:offset + length]
         if enc.packed:
-            return unpack_bits(piece, enc.bits, numel).reshape(shape)
+            return unpack_bits(piece, enc.bits, math.prod(shape)).reshape(shape)
         return piece.reshape(shape).clone()
 
 
 def from_bytes(raw: bytes, model_like: nn.Module | None = None) -> nn.Module:
-    """Rebuild a model from .nsk bytes; see `load`."""
+    """Rebuild a model from .nsk bytes; see `load`. Raises only FormatError for a damaged
+    or mismatched file."""
     manifest = read_manifest(raw)
     try:
         blobs = st_load(raw)
     except Exception as e:  # safetensors raises its own error types for damaged payloads
         raise FormatError(f"damaged safetensors payload: {e}") from None
-    reader = _BlobReader(blobs)
+    try:
+        return _rebuild(manifest, _BlobReader(blobs), model_like)
+    except (FormatError, ConfigError):
+        raise
+    except (RuntimeError, ValueError, TypeError, KeyError, IndexError, AttributeError,
+            OverflowError, MemoryError) as e:
+        raise FormatError(f"cannot rebuild the model from this file: {e}") from None
+
+
+def _rebuild(manifest: dict[str, Any], reader: _BlobReader, model_like: nn.Module | None
+             ) -> nn.Module:
+    """Structure first, memory last: every layer is built on the meta device and every
+    shape checked against the file's bytes and the model before anything is allocated."""
     model = _instantiate(manifest, model_like)
+    notes: list[str] = []
+    pending: list[tuple[StoredModule, dict[str, Any]]] = []
     for name, entry in manifest["layers"].items():
         if not isinstance(entry, dict) or not isinstance(entry.get("tensors"), dict):
             raise FormatError(f"malformed layer entry {name!r}")
-        layer = StoredModule.from_spec(entry.get("spec"))
-        _check_target_module(model, name, layer)
-        tensors = {}
+        target = _target_module(model, name, entry.get("spec"))
+        with torch.device("meta"):
+            layer = StoredModule.from_spec(entry.get("spec"), target)
+        slots = layer.stored()
+        if set(slots) != set(entry["tensors"]):
+            raise FormatError(f"layer {name!r}: file has tensors {sorted(entry['tensors'])}, "
+                              f"a {layer.kind} layer stores {sorted(slots)}")
         for tname, desc in entry["tensors"].items():
-            if not isinstance(desc, list) or len(desc) != 3:
-                raise FormatError(f"malformed tensor entry {name}.{tname}")
-            tensors[tname] = reader.get(*desc)
-        layer.load_stored(tensors)
+            enc, shape, _, _ = reader.locate(desc)
+            slot, slot_enc = slots[tname]
+            if shape != tuple(slot.shape):
+                raise FormatError(f"tensor {name}.{tname}: file has shape {list(shape)}, "
+                                  f"the layer needs {list(slot.shape)}")
+            _note_cast(notes, f"{name}.{tname}", enc, slot_enc)
         set_module(model, name, layer)
-    _load_dense(model, manifest["dense"], reader)
+        pending.append((layer, entry["tensors"]))
+    dense = _check_dense(model, manifest["dense"], reader, notes)
+    _materialize(model)
+    for layer, tensors in pending:
+        layer.load_stored({t: reader.get(desc) for t, desc in tensors.items()})
+    _load_dense(model, dense, reader)
     for _, module in stored_modules(model):
         module.link(model)
     info = manifest.get("info")
-    if info is not None:
+    if isinstance(info, dict):
+        if notes:
+            info = {**info, "notes": list(info.get("notes", [])) + notes}
         model.netshrink_info = info
     return model.eval()
 
 
+def _note_cast(notes: list[str], name: str, stored: Encoding, slot: Encoding) -> None:
+    """Record that a float tensor is cast to model_like's dtype on load."""
+    if not stored.packed and not slot.packed and stored.name != slot.name:
+        notes.append(f"{name}: stored as {stored.name}, cast to {slot.name} (model_like)")
+
+
 def _instantiate(manifest: dict[str, Any], model_like: nn.Module | None) -> nn.Module:
+    """An empty copy of the architecture: the zoo model the file names, built on the meta
+    device (so no architecture argument can allocate memory), or a copy of model_like."""
     if model_like is None:
         arch = manifest.get("arch")
         if not arch:
@@ -234,25 +321,29 @@ def _instantiate(manifest: dict[str, Any], model_like: nn.Module | None) -> nn.M
         from . import zoo
 
         try:
-            return zoo.create(arch["name"], **arch.get("kwargs", {}))
-        except (ConfigError, KeyError, TypeError) as e:
+            with torch.device("meta"):
+                return zoo.create(str(arch["name"]), **dict(arch.get("kwargs", {})))
+        except (ConfigError, KeyError, TypeError, ValueError, AttributeError) as e:
             raise FormatError(f"file names an unknown architecture {arch!r}: {e}") from None
-    if any(t.device.type == "meta" for t in model_like.state_dict().values()) or any(
-            p.device.type == "meta" for p in model_like.parameters()):
-        persistent = set(model_like.state_dict())
-        lost = [n for n, _ in model_like.named_buffers() if n not in persistent]
-        if lost:
-            raise ConfigError(f"model_like is on the meta device but has non-persistent buffers "
-                              f"({', '.join(lost[:3])}) that no file stores: pass a real instance")
-        return copy.deepcopy(model_like).to_empty(device="cpu")
-    return copy.deepcopy(model_like)
+    model = copy.deepcopy(model_like)
+    persistent = set(model.state_dict())
+    lost = [n for n, b in model.named_buffers() if b.is_meta and n not in persistent]
+    if lost:
+        raise ConfigError(f"model_like is on the meta device but has non-persistent buffers "
+                          f"({', '.join(lost[:3])}) that no file stores: pass a real instance")
+    return model
 
 
-def _check_target_module(model: nn.Module, name: str, layer: StoredModule) -> None:
-    """A layer must replace a module of the same weight shape; an attached module must
-    go to a free name under an existing parent."""
+def _target_module(model: nn.Module, name: str, spec: Any) -> nn.Module | None:
+    """The module a compressed layer replaces, or None for an attached module (which must
+    go to a free name under an existing parent)."""
+    kind = spec.get("kind") if isinstance(spec, dict) else None
+    cls = LAYER_KINDS.get(kind)
+    if cls is None:
+        raise FormatError(f"unknown compressed layer kind {kind!r} "
+                          f"(known: {', '.join(sorted(LAYER_KINDS))})")
     parent, _, child = name.rpartition(".")
-    if layer.attached or not isinstance(layer, CompressedLayer):
+    if cls.attached or not issubclass(cls, CompressedLayer):
         try:
             owner = model.get_submodule(parent) if parent else model
         except AttributeError:
@@ -260,44 +351,77 @@ def _check_target_module(model: nn.Module, name: str, layer: StoredModule) -> No
         if not child or (hasattr(owner, child) and not isinstance(getattr(owner, child),
                                                                    StoredModule)):
             raise FormatError(f"file attaches {name!r}, which the model already has")
-        return
+        return None
     try:
         module = model.get_submodule(name)
     except AttributeError:
         raise FormatError(f"file has a compressed layer {name!r} that the model lacks") from None
-    if isinstance(module, CompressedLayer):  # model_like may itself be compressed
-        shape = module.op.weight_shape
-    else:
-        shape = tuple(getattr(module, "weight", torch.empty(0)).shape)
-    if shape != layer.op.weight_shape:
-        raise FormatError(f"layer {name!r}: file has weight shape {layer.op.weight_shape}, "
-                          f"model has {shape}: wrong architecture?")
+    if not isinstance(module, CompressedLayer) and not isinstance(
+            getattr(module, "weight", None), nn.Parameter):
+        raise FormatError(f"file has a compressed layer {name!r}, the model's "
+                          f"{type(module).__name__} has no weight: wrong architecture?")
+    return module
 
 
-def _load_dense(model: nn.Module, entries: list[Any], reader: _BlobReader) -> None:
-    state: dict[str, torch.Tensor] = {}
+def _check_dense(model: nn.Module, entries: list[Any], reader: _BlobReader,
+                 notes: list[str]) -> list[tuple[str, Any]]:
+    """Check the dense entries against the model's uncompressed tensors (names, shapes,
+    bytes present); float tensors of another float dtype are cast, with a note."""
+    checked: list[tuple[str, Any]] = []
+    names: set[str] = set()
+    expected = dict(dense_state(model))
     for entry in entries:
         if not isinstance(entry, list) or len(entry) not in (3, 4) or not isinstance(
                 entry[0], str):
             raise FormatError(f"malformed dense entry {entry!r}")
-        if entry[1] == "=":
-            if entry[2] not in state:
-                raise FormatError(f"dense entry {entry[0]!r} aliases unknown {entry[2]!r}")
-            state[entry[0]] = state[entry[2]]
+        name = entry[0]
+        if entry[1] == "=" and len(entry) == 3:
+            if entry[2] not in names:
+                raise FormatError(f"dense entry {name!r} aliases unknown {entry[2]!r}")
+            checked.append((name, entry[2]))
         elif len(entry) == 4:
-            state[entry[0]] = reader.get(entry[1], entry[2], entry[3])
+            enc, shape, _, _ = reader.locate(entry[1:])
+            ref = expected.get(name)
+            if ref is not None:
+                ref_enc = Encoding.of(ref.dtype)
+                floats = enc.torch_dtype.is_floating_point and ref.is_floating_point()
+                if shape != tuple(ref.shape) or (enc != ref_enc and not floats):
+                    raise FormatError(f"tensor {name!r}: file has {enc.name}{list(shape)}, "
+                                      f"model has {ref_enc.name}{list(ref.shape)}")
+                _note_cast(notes, name, enc, ref_enc)
+            checked.append((name, entry[1:]))
         else:
             raise FormatError(f"malformed dense entry {entry!r}")
-    expected = {k: v for k, v in dense_state(model)}
-    if set(state) != set(expected):
-        missing = sorted(set(expected) - set(state))[:5]
-        extra = sorted(set(state) - set(expected))[:5]
+        names.add(name)
+    if names != set(expected):
+        missing = sorted(set(expected) - names)[:5]
+        extra = sorted(names - set(expected))[:5]
         raise FormatError(f"file does not match the model: missing {missing}, unexpected {extra}")
-    for k, v in state.items():
-        ref = expected[k]
-        if tuple(v.shape) != tuple(ref.shape) or dtype_name(v.dtype) != dtype_name(ref.dtype):
-            raise FormatError(f"tensor {k!r}: file has {dtype_name(v.dtype)}{list(v.shape)}, "
-                              f"model has {dtype_name(ref.dtype)}{list(ref.shape)}")
+    return checked
+
+
+def _materialize(model: nn.Module) -> None:
+    """Give every meta parameter and buffer real (uninitialised) CPU memory; tensors that
+    are shared stay shared. Only what the checked file will fill is still on meta here."""
+    done: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for key, t in table.items():
+                if t is None or not t.is_meta:
+                    continue
+                if id(t) not in done:
+                    new = torch.empty_like(t, device="cpu")
+                    done[id(t)] = nn.Parameter(new, t.requires_grad) if isinstance(
+                        t, nn.Parameter) else new
+                table[key] = done[id(t)]
+
+
+def _load_dense(model: nn.Module, entries: list[tuple[str, Any]], reader: _BlobReader) -> None:
+    state: dict[str, torch.Tensor] = {}
+    for name, desc in entries:
+        state[name] = state[desc] if isinstance(desc, str) else reader.get(desc)
+    expected = dict(dense_state(model))
+    state = {k: v.to(expected[k].dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=False)
 
 

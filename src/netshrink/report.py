@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import nn
 
+from .fileformat import header_bytes
 from .layers import CompressedLayer, stored_modules
 from .size import Encoding, format_bytes, fp32_bits, model_bits, tensor_bits
 
@@ -33,7 +34,14 @@ class LayerRow:
 
 @dataclass
 class Report:
-    """Whole-model sizes (bytes of stored tensors) and one row per compressed layer."""
+    """Whole-model sizes and one row per compressed layer.
+
+    compressed_bytes: the stored tensors (what the size accounting counts);
+    header_bytes: the file's header and manifest; `file_bytes` is their sum, the size on
+    disk, and `ratio` is fp32 bytes / file bytes. weights_compressed / weights_total give
+    the share of the model's weights (floating parameters of dim >= 2) that was
+    compressed. notes: remarks such as dtype casts made on load.
+    """
 
     method: str | None
     target: str | None
@@ -41,15 +49,46 @@ class Report:
     compressed_bytes: float
     layers: list[LayerRow] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    header_bytes: int = 0
+    weights_compressed: int | None = None
+    weights_total: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def file_bytes(self) -> float:
+        return self.compressed_bytes + self.header_bytes
 
     @property
     def ratio(self) -> float:
-        return self.baseline_bytes / self.compressed_bytes
+        return self.baseline_bytes / self.file_bytes
+
+    @property
+    def compressed_share(self) -> float | None:
+        """Fraction of the weights that was compressed (None when unknown)."""
+        if not self.weights_total or self.weights_compressed is None:
+            return None
+        return self.weights_compressed / self.weights_total
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["ratio"] = self.ratio
+        out["file_bytes"] = self.file_bytes
+        out["compressed_share"] = self.compressed_share
         return out
+
+    def summary(self) -> str:
+        """The totals in two lines: sizes and ratio, and the share compressed."""
+        lines = [f"method {self.method} target {self.target}: fp32 baseline "
+                 f"{format_bytes(self.baseline_bytes)} ({self.baseline_bytes:.0f} B) -> file "
+                 f"{format_bytes(self.file_bytes)} ({self.file_bytes:.0f} B = "
+                 f"{self.compressed_bytes:.0f} B stored tensors + {self.header_bytes} B "
+                 f"header), x{self.ratio:.2f}"]
+        share = self.compressed_share
+        if share is not None:
+            lines.append(f"compressed {self.weights_compressed} of {self.weights_total} "
+                         f"weights ({share:.1%}); {len(self.skipped)} kept dense (listed above)")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
 
     def __str__(self) -> str:
         head = f"{'layer':<28} {'kind':<8} {'weights':>9} {'bits/w':>7} {'ratio':>7} " \
@@ -67,10 +106,7 @@ class Report:
         for name, why in self.skipped.items():
             lines.append(f"{name[-28:]:<28} {'dense':<8} {'':>9} {'':>7} {'':>7} {'':>8}  {why}")
         lines.append("-" * len(head))
-        lines.append(f"method {self.method} target {self.target}: fp32 baseline "
-                     f"{format_bytes(self.baseline_bytes)} ({self.baseline_bytes:.0f} B) -> "
-                     f"{format_bytes(self.compressed_bytes)} ({self.compressed_bytes:.0f} B), "
-                     f"x{self.ratio:.2f}")
+        lines.append(self.summary())
         return "\n".join(lines)
 
 
@@ -89,24 +125,27 @@ def report(model: nn.Module) -> Report:
     stats = info.get("layers", {})
     rows = []
     for name, module in stored_modules(model):
-        shape = module.op.weight_shape if isinstance(module, CompressedLayer) else ()
+        shape = module.weight_shape if isinstance(module, CompressedLayer) else ()
         bits = sum(tensor_bits(t, enc) for t, enc in module.stored().values())
         rows.append(_row(name, module.kind, shape, bits, stats.get(name, {}).get("sqnr_db"),
                          module.describe()))
     baseline = info.get("baseline_bits") or fp32_bits(model)
     return Report(info.get("method"), info.get("target"), baseline / 8, model_bits(model) / 8,
-                  rows, dict(info.get("skipped", {})))
+                  rows, dict(info.get("skipped", {})), header_bytes(model),
+                  info.get("weights_compressed"), info.get("weights_total"),
+                  list(info.get("notes", [])))
 
 
-def report_from_manifest(manifest: dict[str, Any]) -> Report:
-    """The report of a saved file, read from its manifest alone (no model needed)."""
+def report_from_manifest(manifest: dict[str, Any], header: int = 0) -> Report:
+    """The report of a saved file, read from its manifest alone (no model needed);
+    `header` is the file's header bytes (`inspect_file`)."""
     info = manifest.get("info") or {}
     stats = info.get("layers", {})
     rows = []
     total = 0
     for name, entry in manifest["layers"].items():
         spec = entry["spec"]
-        shape = tuple(spec["op"]["weight_shape"]) if "op" in spec else ()
+        shape = tuple(spec.get("weight_shape", ()))
         bits = sum(Encoding(enc).nbits(math.prod(tshape))
                    for enc, tshape, _ in entry["tensors"].values())
         total += bits
@@ -116,7 +155,8 @@ def report_from_manifest(manifest: dict[str, Any]) -> Report:
     total += sum(Encoding(e[1]).nbits(math.prod(e[2])) for e in manifest["dense"] if e[1] != "=")
     baseline = info.get("baseline_bits") or total
     return Report(info.get("method"), info.get("target"), baseline / 8, total / 8, rows,
-                  dict(info.get("skipped", {})))
+                  dict(info.get("skipped", {})), header, info.get("weights_compressed"),
+                  info.get("weights_total"), list(info.get("notes", [])))
 
 
 def format_table(headers: list[str], rows: list[list[Any]]) -> str:

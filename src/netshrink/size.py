@@ -225,21 +225,29 @@ class Budget:
     """What a target means for the layers being compressed.
 
     baseline_bits: the fp32 model; fixed_bits: everything left uncompressed (norms, biases
-    kept dense, skipped layers); n_weights: weights of the layers to compress.
+    kept dense, skipped layers); n_weights: weights of the layers to compress;
+    header_bits: what the file's header and manifest take. A size or ratio target bounds
+    the whole file on disk, so the header comes out of the same budget.
     """
 
     target: Target
     baseline_bits: int
     fixed_bits: int
     n_weights: int
+    header_bits: int = 0
 
-    def total_bits(self) -> float | None:
-        """Whole-model bit budget for size/ratio targets (None for a bits target)."""
+    def file_bits(self) -> float | None:
+        """The whole file's bit budget for size/ratio targets (None for a bits target)."""
         if self.target.kind == "bytes":
             return self.target.value * 8
         if self.target.kind == "ratio":
             return self.baseline_bits / self.target.value
         return None
+
+    def total_bits(self) -> float | None:
+        """Bits for the stored tensors (the file less its header), None for bits targets."""
+        file_bits = self.file_bits()
+        return None if file_bits is None else file_bits - self.header_bits
 
     def layer_bits(self) -> float:
         """Bits available to the compressed layers' stored tensors.
@@ -249,9 +257,9 @@ class Budget:
         total = self.total_bits()
         if total is None:
             return self.target.value * self.n_weights
-        if total > self.baseline_bits:
+        if self.file_bits() > self.baseline_bits:
             raise InfeasibleTargetError(
-                f"target {self.target} ({format_bytes(total / 8)}) is larger than the "
+                f"target {self.target} ({format_bytes(self.file_bits() / 8)}) is larger than the "
                 f"uncompressed fp32 model ({format_bytes(self.baseline_bits / 8)}): "
                 "nothing to compress"
             )
@@ -259,13 +267,13 @@ class Budget:
 
     def infeasible(self, min_layer_bits: float, what: str) -> InfeasibleTargetError:
         """The error for a target below the smallest size the method can reach."""
-        lo = math.ceil((self.fixed_bits + min_layer_bits) / 8)
+        lo = math.ceil((self.fixed_bits + min_layer_bits + self.header_bits) / 8)
         hi = self.baseline_bits // 8
         return InfeasibleTargetError(
-            f"target {self.target} cannot be met: the smallest model {what} takes "
+            f"target {self.target} cannot be met: the smallest file {what} takes "
             f"{format_bytes(lo)} (x{hi / lo:.1f}), of which {format_bytes(self.fixed_bits / 8)} "
-            f"stays uncompressed; feasible sizes lie in [{lo} B, {hi} B] "
-            f"(ratio x1 to x{hi / lo:.1f})"
+            f"stays uncompressed and {format_bytes(self.header_bits / 8)} is the header; "
+            f"feasible sizes lie in [{lo} B, {hi} B] (ratio x1 to x{hi / lo:.1f})"
         )
 
 
