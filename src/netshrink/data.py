@@ -36,6 +36,7 @@ __all__ = [
     "fashion_mnist_loaders",
     "get_dataset",
     "get_loaders",
+    "photo_views",
     "read_idx",
 ]
 
@@ -294,3 +295,91 @@ def get_dataset(name: str, split: str = "train", **kw: Any) -> TensorDataset:
 def get_loaders(name: str, batch_size: int = 128, **kw: Any) -> tuple[DataLoader, DataLoader]:
     """Train/test loaders of data set ``name``; kwargs go to its loader builder."""
     return _lookup(name, LOADERS)(batch_size, **kw)
+
+
+# ----------------------------------------------------------------------------- photos
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field",
+          "immunohistochemistry", "retina", "colorwheel", "logo", "stereo_motorcycle",
+          "camera", "moon", "page", "coins", "clock", "cell", "text", "horse", "brick",
+          "grass", "gravel")
+"""The scikit-image sample images that ship with the package (others need a download)."""
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def photos(names: tuple[str, ...] = PHOTOS) -> list[tuple[str, torch.Tensor]]:
+    """scikit-image's offline photos as (name, float (3, H, W) in [0, 1]); grey images are
+    repeated to 3 channels, alpha is dropped, stereo_motorcycle gives its 3 images."""
+    try:
+        from skimage import data as skdata
+    except ImportError:
+        raise DataError("scikit-image is not installed: pip install scikit-image") from None
+    out = []
+    for name in names:
+        value = getattr(skdata, name)()
+        images = value if isinstance(value, tuple) else (value,)
+        for i, img in enumerate(images):
+            raw = np.asarray(img)
+            arr = np.nan_to_num(raw.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+            if raw.dtype == np.uint8:
+                arr = arr / 255.0
+            elif arr.max() > 1.0 or arr.min() < 0.0:  # e.g. a disparity map
+                arr = (arr - arr.min()) / max(float(arr.max() - arr.min()), 1e-12)
+            if arr.ndim == 2:
+                arr = np.repeat(arr[:, :, None], 3, axis=2)
+            t = torch.from_numpy(np.ascontiguousarray(arr[:, :, :3])).permute(2, 0, 1)
+            out.append((name if len(images) == 1 else f"{name}{i}", t.contiguous()))
+    return out
+
+
+def photo_views(size: int = 224, crops: tuple[float, ...] = (1.0, 0.7),
+                flips: bool = True, names: tuple[str, ...] = PHOTOS) -> torch.Tensor:
+    """Deterministic evaluation views of the photos for ImageNet models: for each photo,
+    centre square crops covering `crops` of its short side, each resized to `size` and
+    also mirrored when `flips`, normalised with ImageNet mean/std. (N, 3, size, size)."""
+    import torch.nn.functional as F
+
+    mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(IMAGENET_STD)[:, None, None]
+    views = []
+    for _, img in photos(names):
+        _, h, w = img.shape
+        for frac in crops:
+            side = max(1, int(min(h, w) * frac))
+            top, left = (h - side) // 2, (w - side) // 2
+            crop = img[:, top:top + side, left:left + side][None]
+            view = F.interpolate(crop, size=(size, size), mode="bilinear",
+                                 align_corners=False, antialias=True)[0]
+            view = (view.clamp(0, 1) - mean) / std
+            views.append(view)
+            if flips:
+                views.append(view.flip(-1))
+    return torch.stack(views)
+
+
+def random_photo_views(n: int, size: int = 224, seed: int = 0,
+                       names: tuple[str, ...] = PHOTOS) -> torch.Tensor:
+    """`n` random training views (random square crops of 30-100% of the short side,
+    random mirror), for distillation on unlabelled photos; seeded."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(seed)
+    imgs = [img for _, img in photos(names)]
+    mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(IMAGENET_STD)[:, None, None]
+    out = torch.empty(n, 3, size, size)
+    for i in range(n):
+        img = imgs[int(torch.randint(len(imgs), (1,), generator=gen))]
+        _, h, w = img.shape
+        side = max(8, int(min(h, w) * (0.3 + 0.7 * float(torch.rand(1, generator=gen)))))
+        top = int(torch.randint(h - side + 1, (1,), generator=gen))
+        left = int(torch.randint(w - side + 1, (1,), generator=gen))
+        crop = img[:, top:top + side, left:left + side][None]
+        view = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False,
+                             antialias=True)[0]
+        if float(torch.rand(1, generator=gen)) < 0.5:
+            view = view.flip(-1)
+        out[i] = (view.clamp(0, 1) - mean) / std
+    return out

@@ -342,25 +342,36 @@ def evaluate(model: nn.Module, loader: Iterable[Any], *, max_batches: int | None
 
 
 @torch.no_grad()
-def agreement(
+def fidelity(
     model: nn.Module, reference: nn.Module, loader: Iterable[Any], max_batches: int | None = None
-) -> float:
-    """Fraction of inputs on which ``model`` and ``reference`` predict the same class.
-
-    Labels, if any, are ignored, so this works on unlabelled data; it measures how faithfully
-    a compressed model reproduces the original. Both models run in eval mode (restored after).
-    """
+) -> dict[str, float]:
+    """How faithfully ``model`` reproduces ``reference`` on (possibly unlabelled) inputs:
+    ``agreement`` (fraction of inputs with the same top-1 class) and ``kl`` (mean
+    KL(reference || model) of the softmax outputs, in nats per input). Labels, if any,
+    are ignored; both models run in eval mode (restored after)."""
     device, ref_device = _model_device(model), _model_device(reference)
-    same, total = 0, 0
+    same, total, kl = 0, 0, 0.0
     with _training_mode(model, False), _training_mode(reference, False):
         for batch in _limited(loader, max_batches):
             inputs, _ = _split_batch(batch)
-            predicted = model(inputs.to(device)).argmax(dim=-1)
-            expected = reference(inputs.to(ref_device)).argmax(dim=-1).to(predicted.device)
-            same += int((predicted == expected).sum())
-            total += predicted.numel()
-    _require(total > 0, "agreement(): the loader yielded no samples")
-    return same / total
+            logits = model(inputs.to(device)).float()
+            expected = reference(inputs.to(ref_device)).float().to(logits.device)
+            same += int((logits.argmax(dim=-1) == expected.argmax(dim=-1)).sum())
+            classes = logits.shape[-1]
+            kl += float(F.kl_div(logits.reshape(-1, classes).log_softmax(-1),
+                                 expected.reshape(-1, classes).log_softmax(-1),
+                                 reduction="sum", log_target=True))
+            total += logits.argmax(dim=-1).numel()
+    _require(total > 0, "fidelity(): the loader yielded no samples")
+    return {"agreement": same / total, "kl": kl / total}
+
+
+def agreement(
+    model: nn.Module, reference: nn.Module, loader: Iterable[Any], max_batches: int | None = None
+) -> float:
+    """Fraction of inputs on which ``model`` and ``reference`` predict the same class
+    (see :func:`fidelity`)."""
+    return fidelity(model, reference, loader, max_batches)["agreement"]
 
 
 def recalibrate_batchnorm(model: nn.Module, loader: Iterable[Any], batches: int) -> None:
