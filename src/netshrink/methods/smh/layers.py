@@ -99,10 +99,11 @@ class HashBank(StoredModule):
         (METHODS.md SMH "Training", start from a pretrained model)."""
         m = self.rank
         a = matrix.double()
-        if m >= self.n // 4 or self.n <= 1024:
+        if m >= self.n // 4:
             u, s, vh = torch.linalg.svd(a, full_matrices=False)
             u, s, vh = u[:, :m], s[:m], vh[:m]
-        else:  # randomized range finder: exact enough for m << n, O(n^2 m)
+        else:  # randomized range finder with 4 power iterations: O(n^2 m) for m << n,
+            # within rounding of the exact truncated SVD on the matrices tried
             g = torch.Generator().manual_seed(0)
             q = min(self.n, m + 16)
             omega = torch.randn(self.n, q, dtype=a.dtype, generator=g)
