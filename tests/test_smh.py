@@ -2,6 +2,7 @@
 gradients to every variable, the He-scaled initialisation, SVD start, file round trips and
 clear errors on impossible targets."""
 
+import copy
 import math
 
 import pytest
@@ -187,6 +188,9 @@ def test_reload_is_identical_and_file_size_is_accounted(tmp_path):
         assert torch.equal(loaded(x), out)
         assert isinstance(loaded.smh_bank, HashBank)
         assert loaded.conv1.bank is loaded.smh_bank
+    twin = copy.deepcopy(small)  # copies keep one shared bank
+    assert twin.conv1.bank is twin.smh_bank and twin.fc.bank is twin.smh_bank
+    assert torch.equal(twin(x), out)
     # the layers with a bias (the classifier) decode it from the bank
     assert small.fc.bias.shape == (10,) and small.fc.host.bias is None
 
@@ -203,10 +207,11 @@ def test_fp16_bank_round_trip_and_cache(tmp_path):
     with torch.no_grad():
         cached = small(x)
         assert bank._cached is not None  # expanded once, reused
-    bank.cache = False
+    bank.set_cache(False)
     with torch.no_grad():
         assert torch.allclose(small(x), cached, atol=1e-5)
-    bank.cache = True
+        assert bank._cached is None
+    bank.set_cache(True)
     netshrink.save(small, tmp_path / "h.nsk")
     loaded = netshrink.load(tmp_path / "h.nsk", model)
     assert bank_of(loaded).cache and bank_of(loaded).dtype == "float16"

@@ -138,6 +138,12 @@ class HashBank(StoredModule):
     def clear_cache(self) -> None:
         self._cached = None
 
+    def set_cache(self, on: bool) -> None:
+        """Expand U @ V once for inference (True) or regenerate per call (False); the
+        choice is saved with the bank."""
+        self.cache = bool(on)
+        self.clear_cache()
+
     def values(self, offset: int, size: int) -> torch.Tensor:
         """Virtual values [offset, offset + size) as a flat tensor (touches only their
         rows of U)."""
