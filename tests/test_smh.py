@@ -235,10 +235,13 @@ def test_too_small_targets_and_bad_configs_raise_clearly():
     model = make("resnet20")
     with pytest.raises(InfeasibleTargetError, match="M = 1"):
         netshrink.compress(model, method="smh", target="x2000", min_weights=0)
-    with pytest.raises(InfeasibleTargetError, match="2n"):
-        netshrink.compress(model, method="smh", variables=100, min_weights=0)
+    mlp = make("mlp")  # n = 68
+    with pytest.raises(InfeasibleTargetError, match="2n = 136"):
+        netshrink.compress(mlp, method="smh", variables=135, min_weights=0)
+    assert bank_of(netshrink.compress(mlp, method="smh", variables=136, init="random",
+                                      min_weights=0)).rank == 1
     with pytest.raises(ConfigError, match="bits per weight"):
-        netshrink.compress(model, method="smh", target="0.001bit", min_weights=0)
+        netshrink.compress(mlp, method="smh", target="0.1bit", min_weights=0)
     with pytest.raises(ConfigError, match="init"):
         netshrink.compress(model, method="smh", init="zeros")
     with pytest.raises(ConfigError, match="rank"):

@@ -6,6 +6,9 @@ order, into one virtual n x n matrix that is the product of two thin trainable m
 (§3.1, Eq. 2-4; `layers.py`). The budget sets M (§3.2): 2 M n variables, stored at
 `dtype`, plus one fp32 scalar per layer, plus everything left out at its stored dtype.
 
+`compress`'s `min_weights` (default 1024) keeps smaller layers dense (counted at their
+dtype); pass `min_weights=0` to cover every conv/linear layer, as the paper does.
+
 Targets:
 - a size ('1.5MB') or ratio ('x10'): the largest M whose whole file (header included) fits;
 - bits per weight ('2bit'): 2 M n * dtype_bits <= bits * (compressed weights);
