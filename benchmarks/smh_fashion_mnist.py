@@ -134,7 +134,7 @@ def main() -> None:
     inits = ("random",) if args.no_pretrained else ("random", "svd")
 
     with tempfile.TemporaryDirectory() as tmp:
-        for factor in (int(f) for f in args.factors.split(",")):
+        for factor in (int(f) for f in args.factors.split(",") if f.strip()):
             target = n_full // factor
             thin, c = thin_resnet32(target, args.seed)
             secs, ms = train(thin, loader, scratch)
