@@ -164,8 +164,10 @@ def test_svd_start_is_exact_at_full_rank_and_improves_with_rank():
         err = 0.0
         for name, layer in compressed_layers(small):
             ref = originals[name]
-            err += float(((layer.decode_weight() - ref.weight) / layer.he_std).pow(2).sum())
-            err += float(((layer.decode_bias() - ref.bias) / layer.he_std).pow(2).sum())
+            err += float(((layer.decode_weight() - ref.weight) / layer.he_std).pow(2).sum()
+                         .detach())
+            err += float(((layer.decode_bias() - ref.bias) / layer.he_std).pow(2).sum()
+                         .detach())
         errors.append(err)
     assert all(a > b for a, b in zip(errors, errors[1:])), errors
 
