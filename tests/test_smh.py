@@ -159,7 +159,7 @@ def test_svd_start_is_exact_at_full_rank_and_improves_with_rank():
     assert torch.allclose(full(x), model(x), atol=1e-4)
     originals = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     errors = []
-    for rank in (2, 8, 16, 40):  # Eckart-Young: the tiled, scale-divided error falls
+    for rank in (2, 12, 40):  # Eckart-Young: the tiled, scale-divided error falls
         small = netshrink.compress(model, method="smh", rank=rank, min_weights=0)
         err = 0.0
         for name, layer in compressed_layers(small):
