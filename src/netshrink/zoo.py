@@ -142,16 +142,24 @@ class BasicBlock(nn.Module):
 
 
 class ResNetCifar(nn.Module):
-    """CIFAR ResNet-(6n+2): 16-channel 3x3 stem, stages of n blocks at 16/32/64 channels."""
+    """CIFAR ResNet-(6n+2): 16-channel 3x3 stem, stages of n blocks at 16/32/64 channels.
 
-    def __init__(self, depth_n: int, in_channels: int, num_classes: int, shortcut: str) -> None:
+    `widths` replaces the three stage widths (the stem takes the first): thinner networks
+    of the same depth, the width-multiplier baseline of SMH (METHODS.md, SMH "Reported").
+    """
+
+    def __init__(self, depth_n: int, in_channels: int, num_classes: int, shortcut: str,
+                 widths: tuple[int, int, int] = (16, 32, 64)) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, 16, 3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
+        if len(widths) != 3 or any(int(w) < 1 for w in widths):
+            raise ConfigError(f"widths must be three positive channel counts, got {widths!r}")
+        stem = int(widths[0])
+        self.conv1 = nn.Conv2d(in_channels, stem, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem)
         self.relu = nn.ReLU()
         stages: list[nn.Sequential] = []
-        in_planes = 16
-        for i, planes in enumerate((16, 32, 64)):
+        in_planes = stem
+        for i, planes in enumerate(int(w) for w in widths):
             blocks = []
             for j in range(depth_n):
                 stride = 2 if (i > 0 and j == 0) else 1
@@ -160,7 +168,7 @@ class ResNetCifar(nn.Module):
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = stages
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(64, num_classes)
+        self.fc = nn.Linear(in_planes, num_classes)
         _kaiming_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

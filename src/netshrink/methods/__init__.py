@@ -79,4 +79,7 @@ def methods() -> list[str]:
 
 
 def _load_builtin() -> None:
-    from . import kmeans  # noqa: F401  (registers itself)
+    from . import (
+        kmeans,  # noqa: F401  (registers itself)
+        smh,  # noqa: F401
+    )
