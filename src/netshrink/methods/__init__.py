@@ -80,3 +80,4 @@ def methods() -> list[str]:
 
 def _load_builtin() -> None:
     from . import kmeans  # noqa: F401  (registers itself)
+    from . import alds  # noqa: F401
