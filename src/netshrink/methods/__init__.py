@@ -79,5 +79,7 @@ def methods() -> list[str]:
 
 
 def _load_builtin() -> None:
-    from . import kmeans  # noqa: F401  (registers itself)
-    from . import alds  # noqa: F401
+    from . import (
+        alds,  # noqa: F401  (registers itself)
+        kmeans,  # noqa: F401  (registers itself)
+    )
