@@ -13,7 +13,9 @@ largest relative layer error subject to the budget, alternating
   error,
 
 for `iters` rounds from several starts (k nearest 3, 5, 7, 9, then seeded random
-divisors), keeping the lowest eps. What the chosen ranks leave of the budget is then
+divisors, as the official code; netshrink adds k = 1 everywhere and the cheapest split per
+layer, so the result is never worse than the best k = 1 allocation), keeping the lowest
+eps. What the chosen ranks leave of the budget is then
 spent greedily, one rank step at a time on the worst layer that still fits, so that the
 final size is within one rank step of the budget.
 
@@ -205,6 +207,8 @@ def solve_alds(profiles: Sequence[LayerProfile], budget: float, mode: str = "pap
             starts.append([_nearest(p.ks, t) if p.tables else None for p in profiles])
         for _ in range(random_starts):
             starts.append([int(rng.choice(p.ks)) if p.tables else None for p in profiles])
+        # k = 1 everywhere: the result is never worse than the k = 1 minimax (alds-k1)
+        starts.append([1 if 1 in p.tables else None for p in profiles])
         # the cheapest split per layer always admits a solution when any does
         starts.append([min(p.ks, key=lambda k, p=p: p.tables[k].step) if p.tables else None
                        for p in profiles])
