@@ -49,6 +49,7 @@ def factorize(weight: torch.Tensor, groups: int, rank: int
     if not 1 <= rank <= min(f, per):
         raise ValueError(f"rank {rank} outside 1..{min(f, per)} for groups={groups}")
     blocks = fold(weight.detach().double().cpu()).reshape(f, groups, per).transpose(0, 1)
+    blocks = blocks.contiguous()
     u, s, vh = torch.linalg.svd(blocks, full_matrices=False)  # (k, f, r), (k, r), (k, r, per)
     root = s[:, :rank].sqrt()
     dec = u[:, :, :rank] * root[:, None, :]                 # (k, f, j)

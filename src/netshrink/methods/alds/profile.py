@@ -100,7 +100,8 @@ def profile_layer(name: str, weight: torch.Tensor, unit_size: float, dense_size:
         jcap = min(jmax, math.ceil(dense_size / (step * unit_size)) - 1)
         if jcap < 1:
             continue
-        sv = torch.linalg.svdvals(folded.reshape(f, k, per).transpose(0, 1))  # (k, jmax)
+        blocks = folded.reshape(f, k, per).transpose(0, 1).contiguous()
+        sv = torch.linalg.svdvals(blocks)  # (k, jmax)
         nxt = torch.zeros(k, jcap, dtype=torch.float64)
         upto = min(jcap, sv.shape[1] - 1)
         nxt[:, :upto] = sv[:, 1:upto + 1]  # sigma_{j+1} for j = 1..jcap
