@@ -10,7 +10,12 @@ measured on scikit-image's photos (`photo_views`: 92 fixed views). Distillation 
 random crops of the photos NOT in --heldout; agreement is reported on all views and on
 the views of the held-out photos alone.
 
-    PYTHONPATH=src .venv/bin/python benchmarks/alds_efficientnet.py [--steps 40]
+    PYTHONPATH=src .venv/bin/python benchmarks/alds_efficientnet.py [--steps 40] \
+        [--sweep 0.9,0.8,0.7]
+
+--sweep adds post-training rows at milder keep ratios (where low rank starts to hold).
+"seconds" is the compress time (profile + solve + factorise) for post-training rows and
+the distillation time for the others.
 
 Writes benchmarks/results/alds_efficientnet.json and prints a table.
 """
@@ -51,6 +56,8 @@ class EvalBatchNorm(StepHook):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--keep", type=float, default=0.5)
+    p.add_argument("--sweep", default="0.9,0.8,0.7",
+                   help="extra keep ratios, post-training only (empty: none)")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-4)
@@ -73,7 +80,7 @@ def main() -> None:
                                    solver=solver, error=error)
         seconds = time.perf_counter() - start
         students[label] = small
-        rows.append({"setting": label, "distill_steps": 0,
+        rows.append({"setting": label, "keep": args.keep, "distill_steps": 0,
                      "params_ratio": parameter_count(small) / total,
                      **fidelity(small, model, views),
                      "heldout_agreement": fidelity(small, model, held)["agreement"],
@@ -90,15 +97,30 @@ def main() -> None:
             start = time.perf_counter()
             fit(student, loader, cfg, teacher=model, hooks=[EvalBatchNorm()])
             student.eval()
-            rows.append({"setting": f"{label} + distillation", "distill_steps": args.steps,
+            rows.append({"setting": f"{label} + distillation", "keep": args.keep,
+                         "distill_steps": args.steps,
                          "params_ratio": parameter_count(student) / total,
                          **fidelity(student, model, views),
                          "heldout_agreement": fidelity(student, model, held)["agreement"],
                          "seconds": time.perf_counter() - start})
             print(rows[-1], flush=True)
-    print(format_table(["alds, keep 0.5 of params", "distill steps", "params", "agreement",
+    for keep in [float(k) for k in args.sweep.split(",") if k]:
+        for label, solver, error in (("alds (paper error)", "alds", "paper"),
+                                     ("alds (code error)", "alds", "code"),
+                                     ("uniform SVD", "svd", "paper")):
+            start = time.perf_counter()
+            small = netshrink.compress(model, "alds", keep_ratio=keep, min_weights=0,
+                                       solver=solver, error=error)
+            seconds = time.perf_counter() - start
+            rows.append({"setting": label, "keep": keep, "distill_steps": 0,
+                         "params_ratio": parameter_count(small) / total,
+                         **fidelity(small, model, views),
+                         "heldout_agreement": fidelity(small, model, held)["agreement"],
+                         "seconds": seconds})
+            print(rows[-1], flush=True)
+    print(format_table(["alds", "keep", "distill steps", "params", "agreement",
                         "KL (nats)", "held-out agreement", "seconds"],
-                       [[r["setting"], r["distill_steps"], f"{r['params_ratio']:.3f}",
+                       [[r["setting"], r["keep"], r["distill_steps"], f"{r['params_ratio']:.3f}",
                          f"{r['agreement']:.3f}", f"{r['kl']:.4f}",
                          f"{r['heldout_agreement']:.3f}", f"{r['seconds']:.1f}"]
                         for r in rows]))
