@@ -65,6 +65,8 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("make", [lambda: nn.Conv2d(12, 10, 3, stride=2, padding=2, dilation=2),
                                   lambda: SamePadConv(12, 10, 3),
+                                  lambda: nn.Conv2d(12, 10, 3, padding=1,
+                                                    padding_mode="reflect"),
                                   lambda: nn.Linear(12, 10)])
 @pytest.mark.parametrize("k", [1, 3, 12])
 def test_full_rank_reproduces_the_layer(make, k):
