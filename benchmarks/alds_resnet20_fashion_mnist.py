@@ -3,7 +3,8 @@ SVD-Energy, k = 1 with ALDS ranks) at the same parameter budgets (the paper's ke
 of all parameters, BN and biases counted), every conv factorised (min_weights=0) and the
 classifier kept dense by default (--exclude fc; it still counts in the budget: with it
 factorised, ALDS's minimax put it at rank 1, see BENCHMARKS.md), then the same short
-fine-tuning for every method (plain cross-entropy, as the paper retrains; a REDUCED protocol: --steps SGD steps instead of 182 epochs).
+fine-tuning for every method (plain cross-entropy, as the paper retrains; a REDUCED
+protocol: --steps SGD steps instead of 182 epochs).
 
 Per row: parameters, MACs (both modules of a factorised layer) and CPU latency (batch
 256, median of --runs interleaved with the dense model, 1 thread) relative to the dense
