@@ -79,7 +79,8 @@ def methods() -> list[str]:
 
 
 def _load_builtin() -> None:
-    from . import (
-        kmeans,  # noqa: F401  (registers itself)
-        smh,  # noqa: F401
+    from . import (  # noqa: F401  (each registers itself)
+        alds,
+        kmeans,
+        smh,
     )

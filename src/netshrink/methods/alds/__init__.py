@@ -1,0 +1,180 @@
+"""`alds`: optimal layer-wise grouped low-rank decomposition (Liebenwein et al., NeurIPS
+2021, "Compressing Neural Networks: Towards Determining the Optimal Layer-wise
+Decomposition"); METHODS.md, section ALDS.
+
+Every Conv2d (groups = 1) and Linear layer is folded to f x (c·kh·kw), its input channels
+split into k groups, each group truncated to rank j by SVD, and run as a grouped conv plus
+a 1x1 conv (`LowRankLayer`), so parameters and FLOPs really drop. k and j are chosen per
+layer by `solver.solve_alds` so that the largest per-layer relative operator-norm error
+(`profile.py`: the paper's Theorem 1 bound, or the official code's variant) is minimal
+under one global budget. A layer whose factorisation would not be smaller stays dense.
+
+Budget: either the paper's convention, `keep_ratio` = kept / original count of *all*
+parameters (BN affine and biases counted, never compressed), or any netshrink target
+('1.5MB', 'x4', '16bit') through `size.Budget`. Fine-tuning uses the shared loop
+(`compress(..., finetune=netshrink.Finetune(...))`; the paper retrains with plain
+cross-entropy, `distill_weight=0`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ...errors import ConfigError, InfeasibleTargetError
+from ...graph import LayerRef
+from ...layers import compressible, set_module
+from ...size import DTYPE_BITS, Budget, dtype_name
+from .. import Method, register_method
+from .layer import LowRankLayer, factorize
+from .profile import ERROR_MODES, LayerProfile, profile_layer
+from .solver import SOLVERS, InfeasibleBudget, Solution, layer_error, solve
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AldsConfig", "AldsMethod", "LowRankLayer", "factorize"]
+
+
+@dataclass(frozen=True)
+class AldsConfig:
+    """Options of the `alds` method.
+
+    keep_ratio: the paper's budget, the share of all parameters kept (0 < r < 1); when
+    set, it replaces the size target (a size or ratio target together with it is an
+    error; compress's default bits target is ignored). solver: "alds" (the paper), or the
+    k = 1 baselines "svd" (one uniform relative rank), "svd-energy" (one residual-energy
+    threshold), "alds-k1" (ALDS's ranks at k = 1). error: "paper" (Theorem 1, with
+    sqrt(k): an upper bound on the true error, the safe choice) or "code" (torchprune,
+    without: a lower bound); both are exact at k = 1. iters / random_starts: rounds of the
+    alternating minimisation and seeded random starts besides k ~ 3, 5, 7, 9 (official
+    code: 4 and 11). max_groups: largest k tried (None: every divisor of c).
+    factor_dtype: storage dtype of the factors (None: the layer's weight dtype).
+    """
+
+    keep_ratio: float | None = None
+    solver: str = "alds"
+    error: str = "paper"
+    iters: int = 4
+    random_starts: int = 11
+    max_groups: int | None = None
+    factor_dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.keep_ratio is not None and not (
+                isinstance(self.keep_ratio, (int, float)) and 0 < self.keep_ratio < 1):
+            raise ConfigError(f"keep_ratio must lie in (0, 1), got {self.keep_ratio!r}")
+        if self.solver not in SOLVERS:
+            raise ConfigError(f"solver must be one of {', '.join(SOLVERS)}, "
+                              f"got {self.solver!r}")
+        if self.error not in ERROR_MODES:
+            raise ConfigError(f"error must be one of {', '.join(ERROR_MODES)}, "
+                              f"got {self.error!r}")
+        if not isinstance(self.iters, int) or self.iters < 0:
+            raise ConfigError("iters must be an integer >= 0")
+        if not isinstance(self.random_starts, int) or self.random_starts < 0:
+            raise ConfigError("random_starts must be an integer >= 0")
+        if self.max_groups is not None and (not isinstance(self.max_groups, int)
+                                            or self.max_groups < 1):
+            raise ConfigError("max_groups must be None or an integer >= 1")
+        if self.factor_dtype not in (None, "float32", "float16", "bfloat16"):
+            raise ConfigError(f"factor_dtype must be None, float32, float16 or bfloat16, "
+                              f"got {self.factor_dtype!r}")
+
+
+def parameter_count(model: nn.Module) -> int:
+    """All parameters of a model, shared ones once (the paper's size measure)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+class AldsMethod(Method):
+    name = "alds"
+    config_cls = AldsConfig
+    summary = "grouped low-rank factorisation, ranks/groups from error bounds (ALDS)"
+
+    def supports(self, module: nn.Module) -> str | None:
+        if isinstance(module, nn.Conv2d):
+            if module.groups != 1:
+                return f"grouped/depthwise conv (groups={module.groups})"
+            if module.weight.shape[1] == 0:
+                return "no input channels"
+        elif isinstance(module, nn.Linear):
+            if type(module).forward is not nn.Linear.forward:
+                return "a Linear subclass with its own forward"
+        else:
+            return "only Conv2d (groups=1) and Linear layers are factorised"
+        return compressible(module)
+
+    def _factor_dtype(self, ref: LayerRef, config: AldsConfig) -> str:
+        return ref.option(config, "factor_dtype") or dtype_name(ref.module.weight.dtype)
+
+    def plan(self, model: nn.Module, layers: list[LayerRef], budget: Budget,
+             config: AldsConfig, seed: int = 0) -> tuple[list[LayerProfile], Solution]:
+        """Profile every layer and solve for (k, j); sizes in parameters for keep_ratio,
+        else in bits."""
+        if config.keep_ratio is not None:
+            if budget.target.kind != "bits":
+                raise ConfigError("give either keep_ratio or a size/ratio target, not both")
+            total = parameter_count(model)
+            fixed = total - sum(r.n_weights for r in layers)
+            available = config.keep_ratio * total - fixed
+        else:
+            available = budget.layer_bits()
+        profiles = []
+        only_k1 = config.solver != "alds"
+        for ref in tqdm(layers, desc="alds: spectra", unit="layer", disable=None,
+                        leave=False):
+            weight = ref.module.weight
+            if config.keep_ratio is not None:
+                unit, dense = 1.0, float(ref.n_weights)
+            else:
+                unit = float(DTYPE_BITS[self._factor_dtype(ref, config)])
+                dense = float(ref.n_weights * DTYPE_BITS[dtype_name(weight.dtype)])
+            profiles.append(profile_layer(ref.name, weight, unit, dense,
+                                          ref.option(config, "max_groups"), only_k1))
+        try:
+            sol = solve(config.solver, profiles, available, config.error, seed=seed,
+                        iters=config.iters, random_starts=config.random_starts)
+        except InfeasibleBudget as e:
+            if config.keep_ratio is not None:
+                lowest = (total - sum(r.n_weights for r in layers) + e.min_size) / total
+                raise InfeasibleTargetError(
+                    f"keep_ratio {config.keep_ratio} cannot be met: with every factorised "
+                    f"layer at rank 1 the model keeps {lowest:.4f} of its {total} "
+                    f"parameters (solver {config.solver}); feasible keep ratios lie in "
+                    f"[{lowest:.4f}, 1)") from None
+            raise budget.infeasible(e.min_size, f"with every layer at rank 1 "
+                                    f"(solver {config.solver})") from None
+        return profiles, sol
+
+    def encode(self, model: nn.Module, layers: list[LayerRef], budget: Budget,
+               config: AldsConfig, *, data: Any = None, seed: int = 0) -> None:
+        profiles, sol = self.plan(model, layers, budget, config, seed)
+        logger.info("alds (%s, %s error): largest layer error %.4g, size %.0f",
+                    config.solver, config.error, sol.max_error, sol.size)
+        for ref, prof, choice in zip(layers, profiles, sol.choices):
+            if choice.j == 0:
+                logger.info("%s stays dense: no factorisation is both smaller and as "
+                            "accurate as the plan needs", ref.name)
+                continue
+            encoder, decoder = factorize(ref.module.weight, choice.k, choice.j)
+            device = ref.module.weight.device
+            layer = LowRankLayer(ref.module, encoder.to(device), decoder.to(device),
+                                 choice.k, self._factor_dtype(ref, config))
+            layer.error_bounds = {m: layer_error(prof, choice, m) for m in ERROR_MODES}
+            set_module(model, ref.name, layer)
+
+
+def flops(model: nn.Module, example: torch.Tensor) -> int:
+    """Multiply-accumulates of one forward pass on `example` over Conv2d/Linear layers
+    (factorised layers count both their encoder and decoder). For benchmarks."""
+    from .flops import count_macs
+
+    return count_macs(model, example)
+
+
+register_method(AldsMethod())
