@@ -1,0 +1,215 @@
+"""The differentiable k-means layer's forward pass (Cho et al., ICLR 2022, §3.2), twice.
+
+`naive_dkm` is the paper's algorithm written with plain autograd ops: every iteration's
+(N/d x k) distance and attention tensors stay alive for backward, memory
+O(iterations x N/d x 2^b) (METHODS.md, "Memory"). It is the reference the tests compare
+against.
+
+`dkm` computes the same function with a custom `torch.autograd.Function` that never holds
+an (N/d x k) tensor: forward and backward walk the vectors in chunks, backward recomputes
+each chunk's attention from the saved centroids C_0..C_T (k x d each) and the weights.
+The rows of A are independent given C, so the gradients are exact (equal to the unrolled
+version up to float summation order) and memory is O(N + T k d + chunk x k).
+
+With `unique=True` (d = 1) the points are first reduced to their distinct values with
+multiplicities (eDKM, Cho et al. 2023): every iteration runs on U distinct values instead
+of N weights (at most 65,536 for 16-bit weights) and the per-weight result is a gather.
+
+One iteration, for points x_i (d-vectors) with multiplicity c_i and centroids C (k x d):
+
+    D_ij = |x_i - C_j|^2,   A_i = softmax(-D_i / tau),
+    C'_j = sum_i c_i A_ij x_i / sum_i c_i A_ij          (kept at C_j if the sum is ~0)
+
+repeated until max |C' - C| <= epsilon (paper) or, with stop="inertia", until the inertia
+sum_i c_i min_j D_ij changes by <= epsilon relative (coremltools), at most `iters` times.
+The output is W~_i = A(x_i, C_T) C_T with the final centroids C_T.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+_TINY = 1e-30  # attention mass below which a centroid is kept (no points attend to it)
+DEFAULT_CHUNK_ELEMENTS = 1 << 21  # chunk rows x k x d elements per temporary
+
+
+def _attention(x: Tensor, c: Tensor, tau: float) -> tuple[Tensor, Tensor]:
+    """(A, D) for points x (n, d) and centroids c (k, d)."""
+    d2 = ((x[:, None, :] - c[None, :, :]) ** 2).sum(-1)
+    return torch.softmax(-d2 / tau, dim=1), d2
+
+
+def _update(c: Tensor, s: Tensor, m: Tensor) -> Tensor:
+    """C' = S / m, keeping centroids that no point attends to."""
+    live = m > _TINY
+    return torch.where(live[:, None], s / torch.where(live, m, 1.0)[:, None], c)
+
+
+def _converged(c_old: Tensor, c_new: Tensor, inertia_old: float | None, inertia: float,
+               stop: str, eps: float) -> bool:
+    if stop == "centroids":
+        return float((c_new - c_old).abs().max()) <= eps
+    return inertia_old is not None and abs(inertia_old - inertia) <= eps * max(inertia_old, 1e-30)
+
+
+def naive_dkm(x: Tensor, c0: Tensor, tau: float, iters: int = 5, eps: float = 1e-4,
+              stop: str = "centroids") -> tuple[Tensor, Tensor, int]:
+    """The unrolled reference: (W~ (n, d), final centroids (detached), iterations run)."""
+    c = c0.detach()
+    inertia_old = None
+    t = 0
+    for t in range(1, iters + 1):
+        a, d2 = _attention(x, c, tau)
+        inertia = float(d2.detach().min(1).values.sum())
+        c_new = _update(c, a.T @ x, a.sum(0))
+        done = _converged(c.detach(), c_new.detach(), inertia_old, inertia, stop, eps)
+        c, inertia_old = c_new, inertia
+        if done:
+            break
+    a, _ = _attention(x, c, tau)
+    return a @ c, c.detach(), t
+
+
+def _rows(n_rows: int, k: int, d: int, chunk_elements: int) -> int:
+    return max(1, chunk_elements // max(1, k * max(d, 2)))
+
+
+def _iterate(x: Tensor, w: Tensor, c: Tensor, tau: float, rows: int
+             ) -> tuple[Tensor, float]:
+    """One centroid update over chunks: (C', inertia at C)."""
+    s = torch.zeros_like(c)
+    m = torch.zeros(c.shape[0], dtype=c.dtype, device=c.device)
+    inertia = 0.0
+    for i in range(0, x.shape[0], rows):
+        xc, wc = x[i:i + rows], w[i:i + rows]
+        a, d2 = _attention(xc, c, tau)
+        aw = a * wc[:, None]
+        s += aw.T @ xc
+        m += aw.sum(0)
+        inertia += float((d2.min(1).values * wc).sum())
+    return _update(c, s, m), inertia
+
+
+def _softmax_distance_backward(xc: Tensor, c: Tensor, a: Tensor, g_a: Tensor, tau: float,
+                               wc: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Through A = softmax(-D/tau), D = |x - C|^2: (dL/dx per copy, dL/dC weighted by c)."""
+    g_z = a * (g_a - (a * g_a).sum(1, keepdim=True))
+    g_d = -g_z / tau
+    g_x = 2 * (xc * g_d.sum(1, keepdim=True) - g_d @ c)
+    g_dw = g_d if wc is None else g_d * wc[:, None]
+    g_c = 2 * (c * g_dw.sum(0)[:, None] - g_dw.T @ xc)
+    return g_x, g_c
+
+
+def _iteration_backward(x: Tensor, w: Tensor, c: Tensor, c_new: Tensor, g_new: Tensor,
+                        tau: float, rows: int) -> tuple[Tensor, Tensor]:
+    """VJP of one update C -> C' at points x: (dL/dx per copy, dL/dC)."""
+    m = torch.zeros(c.shape[0], dtype=c.dtype, device=c.device)
+    for i in range(0, x.shape[0], rows):
+        m += (_attention(x[i:i + rows], c, tau)[0] * w[i:i + rows, None]).sum(0)
+    live = m > _TINY
+    safe = torch.where(live, m, 1.0)
+    g_s = torch.where(live[:, None], g_new / safe[:, None], 0.0)
+    g_m = torch.where(live, -(g_new * c_new).sum(1) / safe, 0.0)
+    g_c = torch.where(live[:, None], 0.0, g_new)  # kept centroids pass straight through
+    g_x = torch.empty_like(x)
+    for i in range(0, x.shape[0], rows):
+        xc, wc = x[i:i + rows], w[i:i + rows]
+        a, _ = _attention(xc, c, tau)
+        g_a = xc @ g_s.T + g_m
+        gx_soft, gc = _softmax_distance_backward(xc, c, a, g_a, tau, wc)
+        g_x[i:i + rows] = a @ g_s + gx_soft
+        g_c += gc
+    return g_x, g_c
+
+
+def _output_backward(x: Tensor, c: Tensor, g_out: Tensor, tau: float, rows: int
+                     ) -> tuple[Tensor, Tensor]:
+    """VJP of W~ = A(x, C) C: (dL/dx, dL/dC)."""
+    g_x = torch.empty_like(x)
+    g_c = torch.zeros_like(c)
+    for i in range(0, x.shape[0], rows):
+        xc, go = x[i:i + rows], g_out[i:i + rows]
+        a, _ = _attention(xc, c, tau)
+        gx, gc = _softmax_distance_backward(xc, c, a, go @ c.T, tau, None)
+        g_x[i:i + rows] = gx
+        g_c += gc + a.T @ go
+    return g_x, g_c
+
+
+class _DKMFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, c0: Tensor, tau: float, iters: int, eps: float,
+                stop: str, unique: bool, chunk_elements: int) -> tuple[Tensor, Tensor]:
+        k, d = c0.shape
+        inverse = None
+        if unique:
+            values, inverse, counts = torch.unique(x[:, 0], return_inverse=True,
+                                                   return_counts=True)
+            points, w = values[:, None], counts.to(x.dtype)
+            inverse = inverse.to(torch.int32)  # eDKM: a narrow per-weight index
+        else:
+            points, w = x, torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
+        rows = _rows(points.shape[0], k, d, chunk_elements)
+        cs = [c0.detach()]
+        inertia_old = None
+        for _ in range(iters):
+            c_new, inertia = _iterate(points, w, cs[-1], tau, rows)
+            done = _converged(cs[-1], c_new, inertia_old, inertia, stop, eps)
+            cs.append(c_new)
+            inertia_old = inertia
+            if done:
+                break
+        c = cs[-1]
+        out = torch.empty_like(points)
+        for i in range(0, points.shape[0], rows):
+            out[i:i + rows] = _attention(points[i:i + rows], c, tau)[0] @ c
+        if unique:
+            out = out[inverse.long()]
+            ctx.save_for_backward(points, w, inverse, *cs)
+        else:
+            ctx.save_for_backward(points, w, *cs)
+        ctx.tau, ctx.rows, ctx.unique = tau, rows, unique
+        ctx.mark_non_differentiable(c)
+        return out, c.clone()
+
+    @staticmethod
+    def backward(ctx: Any, g_out: Tensor, _g_c: Tensor) -> tuple[Any, ...]:
+        saved = ctx.saved_tensors
+        if ctx.unique:
+            points, w, inverse, *cs = saved
+            idx = inverse.long()
+            g_sum = torch.zeros_like(points).index_add_(0, idx, g_out)
+            _, g_c = _output_backward(points, cs[-1], g_sum, ctx.tau, ctx.rows)
+            # per weight: g_out_i times the derivative of W~ at its value (d = 1, linear)
+            slope, _ = _output_backward(points, cs[-1], torch.ones_like(points), ctx.tau,
+                                        ctx.rows)
+            g_direct = g_out * slope[idx]
+        else:
+            points, w, *cs = saved
+            g_direct, g_c = _output_backward(points, cs[-1], g_out, ctx.tau, ctx.rows)
+        g_iter = torch.zeros_like(points)
+        for t in range(len(cs) - 1, 0, -1):
+            gx, g_c = _iteration_backward(points, w, cs[t - 1], cs[t], g_c, ctx.tau, ctx.rows)
+            g_iter += gx
+        g_x = g_direct + (g_iter[inverse.long()] if ctx.unique else g_iter)
+        return g_x, None, None, None, None, None, None, None
+
+
+def dkm(x: Tensor, c0: Tensor, tau: float, iters: int = 5, eps: float = 1e-4,
+        stop: str = "centroids", unique: bool = False,
+        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> tuple[Tensor, Tensor]:
+    """Soft-clustered points W~ (n, d) and the final centroids (detached), lean memory.
+
+    x: (n, d) points (gradients flow to them); c0: (k, d) starting centroids (treated as a
+    constant, as the paper's warm start is detached). unique=True needs d = 1.
+    """
+    if unique and x.shape[1] != 1:
+        raise ValueError("uniquification (eDKM) needs scalar clusters (d = 1)")
+    if stop not in ("centroids", "inertia"):
+        raise ValueError(f"stop must be 'centroids' or 'inertia', got {stop!r}")
+    return _DKMFunction.apply(x, c0.detach().to(x.dtype), float(tau), int(iters), float(eps),
+                              stop, bool(unique), int(chunk_elements))
