@@ -79,4 +79,4 @@ def methods() -> list[str]:
 
 
 def _load_builtin() -> None:
-    from . import kmeans  # noqa: F401  (registers itself)
+    from . import dkm, kmeans  # noqa: F401  (register themselves)

@@ -154,7 +154,7 @@ class _DKMFunction(torch.autograd.Function):
         else:
             points, w = x, torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
         rows = _rows(points.shape[0], k, d, chunk_elements)
-        cs = [c0.detach()]
+        cs = [c0.detach().clone()]  # the caller updates its centroids in place
         inertia_old = None
         for _ in range(iters):
             c_new, inertia = _iterate(points, w, cs[-1], tau, rows)
