@@ -75,7 +75,8 @@ class DKMLayer(PalettizedLayer):
         """W~ = A C after the k-means iterations (differentiable in the latent weight);
         the final centroids become the codebook (warm start of the next call)."""
         unique = self.unique and self.d == 1
-        out, centroids = dkm(self._vectors(), self.codebook, self.tau, self.iters,
+        # the latent goes in at its own dtype: 16-bit latents are counted by bit pattern
+        out, centroids = dkm(self.latent.reshape(-1, self.d), self.codebook, self.tau, self.iters,
                              self.epsilon, self.stop, unique, self.chunk_elements)
         with torch.no_grad():
             self.codebook.copy_(centroids)

@@ -38,8 +38,32 @@ DEFAULT_CHUNK_ELEMENTS = 1 << 21  # chunk rows x k x d elements per temporary
 
 def _attention(x: Tensor, c: Tensor, tau: float) -> tuple[Tensor, Tensor]:
     """(A, D) for points x (n, d) and centroids c (k, d)."""
-    d2 = ((x[:, None, :] - c[None, :, :]) ** 2).sum(-1)
-    return torch.softmax(-d2 / tau, dim=1), d2
+    if x.shape[1] == 1:
+        d2 = (x - c[:, 0]).square_()
+    else:
+        d2 = ((x[:, None, :] - c[None, :, :]) ** 2).sum(-1)
+    return torch.softmax(d2 * (-1.0 / tau), dim=1), d2
+
+
+_SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+
+
+def _distinct(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(distinct values (U,) fp32, per-point index (n,) int32, counts (U,)) of scalars.
+
+    16-bit inputs are counted by bit pattern (one bincount over 65,536 bins, no sort):
+    eDKM's table of at most 2^16 values. Other dtypes fall back to torch.unique.
+    """
+    if x.dtype in _SIXTEEN_BIT:
+        bits = x.view(torch.int16).to(torch.int32) + 32768
+        counts = torch.bincount(bits, minlength=1 << 16)
+        present = counts.nonzero().squeeze(1)
+        table = torch.zeros(1 << 16, dtype=torch.int32, device=x.device)
+        table[present] = torch.arange(len(present), dtype=torch.int32, device=x.device)
+        values = (present - 32768).to(torch.int16).view(x.dtype).float()
+        return values, table[bits.long()], counts[present]
+    values, inverse, counts = torch.unique(x, return_inverse=True, return_counts=True)
+    return values, inverse.to(torch.int32), counts
 
 
 def _update(c: Tensor, s: Tensor, m: Tensor) -> Tensor:
@@ -78,8 +102,8 @@ def _rows(n_rows: int, k: int, d: int, chunk_elements: int) -> int:
 
 
 def _iterate(x: Tensor, w: Tensor, c: Tensor, tau: float, rows: int
-             ) -> tuple[Tensor, float]:
-    """One centroid update over chunks: (C', inertia at C)."""
+             ) -> tuple[Tensor, Tensor, float]:
+    """One centroid update over chunks: (C', attention mass m, inertia at C)."""
     s = torch.zeros_like(c)
     m = torch.zeros(c.shape[0], dtype=c.dtype, device=c.device)
     inertia = 0.0
@@ -90,7 +114,7 @@ def _iterate(x: Tensor, w: Tensor, c: Tensor, tau: float, rows: int
         s += aw.T @ xc
         m += aw.sum(0)
         inertia += float((d2.min(1).values * wc).sum())
-    return _update(c, s, m), inertia
+    return _update(c, s, m), m, inertia
 
 
 def _softmax_distance_backward(xc: Tensor, c: Tensor, a: Tensor, g_a: Tensor, tau: float,
@@ -104,12 +128,9 @@ def _softmax_distance_backward(xc: Tensor, c: Tensor, a: Tensor, g_a: Tensor, ta
     return g_x, g_c
 
 
-def _iteration_backward(x: Tensor, w: Tensor, c: Tensor, c_new: Tensor, g_new: Tensor,
-                        tau: float, rows: int) -> tuple[Tensor, Tensor]:
-    """VJP of one update C -> C' at points x: (dL/dx per copy, dL/dC)."""
-    m = torch.zeros(c.shape[0], dtype=c.dtype, device=c.device)
-    for i in range(0, x.shape[0], rows):
-        m += (_attention(x[i:i + rows], c, tau)[0] * w[i:i + rows, None]).sum(0)
+def _iteration_backward(x: Tensor, w: Tensor, c: Tensor, c_new: Tensor, m: Tensor,
+                        g_new: Tensor, tau: float, rows: int) -> tuple[Tensor, Tensor]:
+    """VJP of one update C -> C' (attention mass m) at points x: (dL/dx per copy, dL/dC)."""
     live = m > _TINY
     safe = torch.where(live, m, 1.0)
     g_s = torch.where(live[:, None], g_new / safe[:, None], 0.0)
@@ -146,20 +167,24 @@ class _DKMFunction(torch.autograd.Function):
                 stop: str, unique: bool, chunk_elements: int) -> tuple[Tensor, Tensor]:
         k, d = c0.shape
         inverse = None
+        ctx.in_dtype = x.dtype
+        cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        ctx.cdt = cdt
         if unique:
-            values, inverse, counts = torch.unique(x[:, 0], return_inverse=True,
-                                                   return_counts=True)
-            points, w = values[:, None], counts.to(x.dtype)
-            inverse = inverse.to(torch.int32)  # eDKM: a narrow per-weight index
+            values, inverse, counts = _distinct(x[:, 0])
+            points, w = values[:, None].to(cdt), counts.to(cdt)
         else:
-            points, w = x, torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
+            points = x.to(cdt)
+            w = torch.ones(x.shape[0], dtype=points.dtype, device=x.device)
         rows = _rows(points.shape[0], k, d, chunk_elements)
-        cs = [c0.detach().clone()]  # the caller updates its centroids in place
+        cs = [c0.detach().to(cdt).clone()]  # the caller updates its centroids in place
+        ms = []
         inertia_old = None
         for _ in range(iters):
-            c_new, inertia = _iterate(points, w, cs[-1], tau, rows)
+            c_new, m, inertia = _iterate(points, w, cs[-1], tau, rows)
             done = _converged(cs[-1], c_new, inertia_old, inertia, stop, eps)
             cs.append(c_new)
+            ms.append(m)
             inertia_old = inertia
             if done:
                 break
@@ -168,35 +193,43 @@ class _DKMFunction(torch.autograd.Function):
         for i in range(0, points.shape[0], rows):
             out[i:i + rows] = _attention(points[i:i + rows], c, tau)[0] @ c
         if unique:
-            out = out[inverse.long()]
-            ctx.save_for_backward(points, w, inverse, *cs)
+            out = out.index_select(0, inverse)
+            ctx.save_for_backward(points, w, inverse, *cs, *ms)
         else:
-            ctx.save_for_backward(points, w, *cs)
-        ctx.tau, ctx.rows, ctx.unique = tau, rows, unique
+            ctx.save_for_backward(points, w, *cs, *ms)
+        ctx.tau, ctx.rows, ctx.unique, ctx.steps = tau, rows, unique, len(ms)
         ctx.mark_non_differentiable(c)
         return out, c.clone()
 
     @staticmethod
     def backward(ctx: Any, g_out: Tensor, _g_c: Tensor) -> tuple[Any, ...]:
         saved = ctx.saved_tensors
+        g_out = g_out.to(ctx.cdt)
         if ctx.unique:
-            points, w, inverse, *cs = saved
-            idx = inverse.long()
-            g_sum = torch.zeros_like(points).index_add_(0, idx, g_out)
+            points, w, inverse, *rest = saved
+            # d = 1: a weighted bincount sums the gradients per value (index_add_ is far
+            # slower on the CPU)
+            g_sum = torch.bincount(inverse, weights=g_out[:, 0], minlength=points.shape[0]
+                                   ).to(points.dtype)[:, None]
+            cs, ms = rest[:ctx.steps + 1], rest[ctx.steps + 1:]
             _, g_c = _output_backward(points, cs[-1], g_sum, ctx.tau, ctx.rows)
             # per weight: g_out_i times the derivative of W~ at its value (d = 1, linear)
             slope, _ = _output_backward(points, cs[-1], torch.ones_like(points), ctx.tau,
                                         ctx.rows)
-            g_direct = g_out * slope[idx]
         else:
-            points, w, *cs = saved
+            points, w, *rest = saved
+            cs, ms = rest[:ctx.steps + 1], rest[ctx.steps + 1:]
             g_direct, g_c = _output_backward(points, cs[-1], g_out, ctx.tau, ctx.rows)
         g_iter = torch.zeros_like(points)
-        for t in range(len(cs) - 1, 0, -1):
-            gx, g_c = _iteration_backward(points, w, cs[t - 1], cs[t], g_c, ctx.tau, ctx.rows)
+        for t in range(ctx.steps, 0, -1):
+            gx, g_c = _iteration_backward(points, w, cs[t - 1], cs[t], ms[t - 1], g_c,
+                                          ctx.tau, ctx.rows)
             g_iter += gx
-        g_x = g_direct + (g_iter[inverse.long()] if ctx.unique else g_iter)
-        return g_x, None, None, None, None, None, None, None
+        if ctx.unique:
+            g_x = g_out * slope.index_select(0, inverse) + g_iter.index_select(0, inverse)
+        else:
+            g_x = g_direct + g_iter
+        return g_x.to(ctx.in_dtype), None, None, None, None, None, None, None
 
 
 def dkm(x: Tensor, c0: Tensor, tau: float, iters: int = 5, eps: float = 1e-4,
@@ -204,12 +237,13 @@ def dkm(x: Tensor, c0: Tensor, tau: float, iters: int = 5, eps: float = 1e-4,
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> tuple[Tensor, Tensor]:
     """Soft-clustered points W~ (n, d) and the final centroids (detached), lean memory.
 
-    x: (n, d) points (gradients flow to them); c0: (k, d) starting centroids (treated as a
-    constant, as the paper's warm start is detached). unique=True needs d = 1.
+    x: (n, d) points (gradients flow to them; any float dtype, computed in float32, or
+    float64 when x is float64); c0: (k, d) starting centroids (treated as a constant, as
+    the paper's warm start is detached). unique=True needs d = 1.
     """
     if unique and x.shape[1] != 1:
         raise ValueError("uniquification (eDKM) needs scalar clusters (d = 1)")
     if stop not in ("centroids", "inertia"):
         raise ValueError(f"stop must be 'centroids' or 'inertia', got {stop!r}")
-    return _DKMFunction.apply(x, c0.detach().to(x.dtype), float(tau), int(iters), float(eps),
+    return _DKMFunction.apply(x, c0.detach(), float(tau), int(iters), float(eps),
                               stop, bool(unique), int(chunk_elements))
