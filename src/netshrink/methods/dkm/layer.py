@@ -78,8 +78,9 @@ class DKMLayer(PalettizedLayer):
         # the latent goes in at its own dtype: 16-bit latents are counted by bit pattern
         out, centroids = dkm(self.latent.reshape(-1, self.d), self.codebook, self.tau, self.iters,
                              self.epsilon, self.stop, unique, self.chunk_elements)
-        with torch.no_grad():
-            self.codebook.copy_(centroids)
+        if self.training:  # measuring soft accuracy (`soft_eval`) leaves the state alone
+            with torch.no_grad():
+                self.codebook.copy_(centroids)
         return self._to_weight(out)
 
     @torch.no_grad()

@@ -84,8 +84,9 @@ def naive_dkm(x: Tensor, c0: Tensor, tau: float, iters: int = 5, eps: float = 1e
     """The unrolled reference: (W~ (n, d), final centroids (detached), iterations run)."""
     c = c0.detach()
     inertia_old = None
-    t = 0
-    for t in range(1, iters + 1):
+    steps = 0
+    for _ in range(iters):
+        steps += 1
         a, d2 = _attention(x, c, tau)
         inertia = float(d2.detach().min(1).values.sum())
         c_new = _update(c, a.T @ x, a.sum(0))
@@ -94,7 +95,7 @@ def naive_dkm(x: Tensor, c0: Tensor, tau: float, iters: int = 5, eps: float = 1e
         if done:
             break
     a, _ = _attention(x, c, tau)
-    return a @ c, c.detach(), t
+    return a @ c, c.detach(), steps
 
 
 def _rows(n_rows: int, k: int, d: int, chunk_elements: int) -> int:
