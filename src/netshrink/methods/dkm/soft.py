@@ -33,16 +33,19 @@ import torch
 from torch import Tensor
 
 _TINY = 1e-30  # attention mass below which a centroid is kept (no points attend to it)
-DEFAULT_CHUNK_ELEMENTS = 1 << 21  # chunk rows x k x d elements per temporary
+DEFAULT_CHUNK_ELEMENTS = 1 << 18  # chunk rows x k x d elements per temporary
 
 
-def _attention(x: Tensor, c: Tensor, tau: float) -> tuple[Tensor, Tensor]:
-    """(A, D) for points x (n, d) and centroids c (k, d)."""
+def _distances(x: Tensor, c: Tensor) -> Tensor:
+    """Squared distances D (n, k) of points x (n, d) to centroids c (k, d)."""
     if x.shape[1] == 1:
-        d2 = (x - c[:, 0]).square_()
-    else:
-        d2 = ((x[:, None, :] - c[None, :, :]) ** 2).sum(-1)
-    return torch.softmax(d2 * (-1.0 / tau), dim=1), d2
+        return (x - c[:, 0]).square_()
+    return ((x[:, None, :] - c[None, :, :]) ** 2).sum(-1)
+
+
+def _attention(x: Tensor, c: Tensor, tau: float) -> Tensor:
+    """A = softmax(-D / tau) over centroids."""
+    return torch.softmax(_distances(x, c).mul_(-1.0 / tau), dim=1)
 
 
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
@@ -87,14 +90,15 @@ def naive_dkm(x: Tensor, c0: Tensor, tau: float, iters: int = 5, eps: float = 1e
     steps = 0
     for _ in range(iters):
         steps += 1
-        a, d2 = _attention(x, c, tau)
+        d2 = ((x[:, None, :] - c[None, :, :]) ** 2).sum(-1)
+        a = torch.softmax(-d2 / tau, dim=1)
         inertia = float(d2.detach().min(1).values.sum())
         c_new = _update(c, a.T @ x, a.sum(0))
         done = _converged(c.detach(), c_new.detach(), inertia_old, inertia, stop, eps)
         c, inertia_old = c_new, inertia
         if done:
             break
-    a, _ = _attention(x, c, tau)
+    a = torch.softmax(-((x[:, None, :] - c[None, :, :]) ** 2).sum(-1) / tau, dim=1)
     return a @ c, c.detach(), steps
 
 
@@ -102,34 +106,45 @@ def _rows(n_rows: int, k: int, d: int, chunk_elements: int) -> int:
     return max(1, chunk_elements // max(1, k * max(d, 2)))
 
 
-def _iterate(x: Tensor, w: Tensor, c: Tensor, tau: float, rows: int
-             ) -> tuple[Tensor, Tensor, float]:
-    """One centroid update over chunks: (C', attention mass m, inertia at C)."""
+def _iterate(x: Tensor, w: Tensor | None, c: Tensor, tau: float, rows: int,
+             with_inertia: bool) -> tuple[Tensor, Tensor, float]:
+    """One centroid update over chunks: (C', attention mass m, inertia at C (0.0 unless
+    asked for)). w: multiplicities, None for all ones."""
     s = torch.zeros_like(c)
     m = torch.zeros(c.shape[0], dtype=c.dtype, device=c.device)
     inertia = 0.0
     for i in range(0, x.shape[0], rows):
-        xc, wc = x[i:i + rows], w[i:i + rows]
-        a, d2 = _attention(xc, c, tau)
-        aw = a * wc[:, None]
-        s += aw.T @ xc
-        m += aw.sum(0)
-        inertia += float((d2.min(1).values * wc).sum())
+        xc = x[i:i + rows]
+        a = _attention(xc, c, tau)
+        if w is not None:
+            wc = w[i:i + rows]
+            a = a * wc[:, None]
+        s += a.T @ xc
+        m += a.sum(0)
+        if with_inertia:
+            best = _distances(xc, c).min(1).values
+            inertia += float((best if w is None else best * wc).sum())
     return _update(c, s, m), m, inertia
 
 
 def _softmax_distance_backward(xc: Tensor, c: Tensor, a: Tensor, g_a: Tensor, tau: float,
                                wc: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Through A = softmax(-D/tau), D = |x - C|^2: (dL/dx per copy, dL/dC weighted by c)."""
-    g_z = a * (g_a - (a * g_a).sum(1, keepdim=True))
-    g_d = -g_z / tau
-    g_x = 2 * (xc * g_d.sum(1, keepdim=True) - g_d @ c)
-    g_dw = g_d if wc is None else g_d * wc[:, None]
-    g_c = 2 * (c * g_dw.sum(0)[:, None] - g_dw.T @ xc)
+    """Through A = softmax(-D/tau), D = |x - C|^2: (dL/dx per copy, dL/dC weighted by c).
+
+    With G = dL/dZ (Z = -D/tau): dL/dx_i = (2/tau) (G_i C - x_i sum_j G_ij) and the row sums
+    of a softmax's input gradient vanish, so only G C remains; dL/dC_j =
+    (2/tau) sum_i c_i G_ij (x_i - C_j).
+    """
+    ag = a * g_a
+    g_z = torch.addcmul(ag, a, ag.sum(1, keepdim=True), value=-1.0)
+    g_x = (g_z @ c).mul_(2.0 / tau)
+    if wc is not None:
+        g_z.mul_(wc[:, None])
+    g_c = (g_z.T @ xc - c * g_z.sum(0)[:, None]).mul_(2.0 / tau)
     return g_x, g_c
 
 
-def _iteration_backward(x: Tensor, w: Tensor, c: Tensor, c_new: Tensor, m: Tensor,
+def _iteration_backward(x: Tensor, w: Tensor | None, c: Tensor, c_new: Tensor, m: Tensor,
                         g_new: Tensor, tau: float, rows: int) -> tuple[Tensor, Tensor]:
     """VJP of one update C -> C' (attention mass m) at points x: (dL/dx per copy, dL/dC)."""
     live = m > _TINY
@@ -139,9 +154,9 @@ def _iteration_backward(x: Tensor, w: Tensor, c: Tensor, c_new: Tensor, m: Tenso
     g_c = torch.where(live[:, None], 0.0, g_new)  # kept centroids pass straight through
     g_x = torch.empty_like(x)
     for i in range(0, x.shape[0], rows):
-        xc, wc = x[i:i + rows], w[i:i + rows]
-        a, _ = _attention(xc, c, tau)
-        g_a = xc @ g_s.T + g_m
+        xc, wc = x[i:i + rows], (None if w is None else w[i:i + rows])
+        a = _attention(xc, c, tau)
+        g_a = torch.addmm(g_m, xc, g_s.T)
         gx_soft, gc = _softmax_distance_backward(xc, c, a, g_a, tau, wc)
         g_x[i:i + rows] = a @ g_s + gx_soft
         g_c += gc
@@ -155,7 +170,7 @@ def _output_backward(x: Tensor, c: Tensor, g_out: Tensor, tau: float, rows: int
     g_c = torch.zeros_like(c)
     for i in range(0, x.shape[0], rows):
         xc, go = x[i:i + rows], g_out[i:i + rows]
-        a, _ = _attention(xc, c, tau)
+        a = _attention(xc, c, tau)
         gx, gc = _softmax_distance_backward(xc, c, a, go @ c.T, tau, None)
         g_x[i:i + rows] = gx
         g_c += gc + a.T @ go
@@ -175,14 +190,13 @@ class _DKMFunction(torch.autograd.Function):
             values, inverse, counts = _distinct(x[:, 0])
             points, w = values[:, None].to(cdt), counts.to(cdt)
         else:
-            points = x.to(cdt)
-            w = torch.ones(x.shape[0], dtype=points.dtype, device=x.device)
+            points, w = x.to(cdt), None
         rows = _rows(points.shape[0], k, d, chunk_elements)
         cs = [c0.detach().to(cdt).clone()]  # the caller updates its centroids in place
         ms = []
         inertia_old = None
         for _ in range(iters):
-            c_new, m, inertia = _iterate(points, w, cs[-1], tau, rows)
+            c_new, m, inertia = _iterate(points, w, cs[-1], tau, rows, stop == "inertia")
             done = _converged(cs[-1], c_new, inertia_old, inertia, stop, eps)
             cs.append(c_new)
             ms.append(m)
@@ -192,12 +206,12 @@ class _DKMFunction(torch.autograd.Function):
         c = cs[-1]
         out = torch.empty_like(points)
         for i in range(0, points.shape[0], rows):
-            out[i:i + rows] = _attention(points[i:i + rows], c, tau)[0] @ c
+            out[i:i + rows] = _attention(points[i:i + rows], c, tau) @ c
         if unique:
             out = out.index_select(0, inverse)
             ctx.save_for_backward(points, w, inverse, *cs, *ms)
         else:
-            ctx.save_for_backward(points, w, *cs, *ms)
+            ctx.save_for_backward(points, *cs, *ms)
         ctx.tau, ctx.rows, ctx.unique, ctx.steps = tau, rows, unique, len(ms)
         ctx.mark_non_differentiable(c)
         return out, c.clone()
@@ -218,7 +232,8 @@ class _DKMFunction(torch.autograd.Function):
             slope, _ = _output_backward(points, cs[-1], torch.ones_like(points), ctx.tau,
                                         ctx.rows)
         else:
-            points, w, *rest = saved
+            points, *rest = saved
+            w = None
             cs, ms = rest[:ctx.steps + 1], rest[ctx.steps + 1:]
             g_direct, g_c = _output_backward(points, cs[-1], g_out, ctx.tau, ctx.rows)
         g_iter = torch.zeros_like(points)
