@@ -51,8 +51,8 @@ def run_variant(variant: str, blocks: int, steps: int, threads: int, iters: int)
         from netshrink.methods.dkm.soft import naive_dkm
 
         def soft(self):  # noqa: ANN001, ANN202
-            out, c, _ = naive_dkm(self._vectors(), self.codebook, self.tau, self.iters,
-                                  self.epsilon, self.stop)
+            out, c, self.last_iters = naive_dkm(self._vectors(), self.codebook, self.tau,
+                                                self.iters, self.epsilon, self.stop)
             with torch.no_grad():
                 self.codebook.copy_(c)
             return self._to_weight(out)
@@ -63,7 +63,7 @@ def run_variant(variant: str, blocks: int, steps: int, threads: int, iters: int)
     x = torch.randn(32, 768, dtype=dtype)
     target = torch.randn(32, 768, dtype=dtype)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    times = []
+    times, iters_run = [], []
     for _ in range(steps):
         t = time.perf_counter()
         loss = torch.nn.functional.mse_loss(student(x).float(), target.float())
@@ -71,10 +71,12 @@ def run_variant(variant: str, blocks: int, steps: int, threads: int, iters: int)
         loss.backward()
         opt.step()
         times.append(time.perf_counter() - t)
+        iters_run.append([m.last_iters for m in student.modules() if isinstance(m, DKMLayer)])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     n_weights = sum(m.latent.numel() for m in student.modules() if isinstance(m, DKMLayer))
     return {"variant": variant, "blocks": blocks, "weights": n_weights, "threads": threads,
-            "iters_cap": iters, "steps": steps, "init_s": round(init_s, 2),
+            "iters_cap": iters, "steps": steps, "iters_run": iters_run,
+            "init_s": round(init_s, 2),
             "first_step_s": round(times[0], 3),
             "step_s": round(sum(times[1:]) / max(1, len(times) - 1), 3),
             "peak_rss_mb": round(peak), "rss_before_steps_mb": round(rss_before),

@@ -54,6 +54,7 @@ class DKMLayer(PalettizedLayer):
         self.tau, self.iters, self.epsilon, self.stop = float(tau), int(iters), float(epsilon), stop
         self.unique = bool(unique)
         self.chunk_elements = int(chunk_elements)
+        self.last_iters = 0  # k-means iterations of the latest soft forward pass
         self.soft_eval = False  # evaluate with the soft weights (paper Table 5's "train")
         with torch.no_grad():
             self._snap()
@@ -76,8 +77,9 @@ class DKMLayer(PalettizedLayer):
         the final centroids become the codebook (warm start of the next call)."""
         unique = self.unique and self.d == 1
         # the latent goes in at its own dtype: 16-bit latents are counted by bit pattern
-        out, centroids = dkm(self.latent.reshape(-1, self.d), self.codebook, self.tau, self.iters,
-                             self.epsilon, self.stop, unique, self.chunk_elements)
+        out, centroids, self.last_iters = dkm(
+            self.latent.reshape(-1, self.d), self.codebook, self.tau, self.iters,
+            self.epsilon, self.stop, unique, self.chunk_elements)
         if self.training:  # measuring soft accuracy (`soft_eval`) leaves the state alone
             with torch.no_grad():
                 self.codebook.copy_(centroids)

@@ -213,11 +213,12 @@ class _DKMFunction(torch.autograd.Function):
         else:
             ctx.save_for_backward(points, *cs, *ms)
         ctx.tau, ctx.rows, ctx.unique, ctx.steps = tau, rows, unique, len(ms)
-        ctx.mark_non_differentiable(c)
-        return out, c.clone()
+        steps = torch.tensor(len(ms))
+        ctx.mark_non_differentiable(c, steps)
+        return out, c.clone(), steps
 
     @staticmethod
-    def backward(ctx: Any, g_out: Tensor, _g_c: Tensor) -> tuple[Any, ...]:
+    def backward(ctx: Any, g_out: Tensor, _g_c: Tensor, _g_steps: Tensor) -> tuple[Any, ...]:
         saved = ctx.saved_tensors
         g_out = g_out.to(ctx.cdt)
         if ctx.unique:
@@ -250,8 +251,9 @@ class _DKMFunction(torch.autograd.Function):
 
 def dkm(x: Tensor, c0: Tensor, tau: float, iters: int = 5, eps: float = 1e-4,
         stop: str = "centroids", unique: bool = False,
-        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> tuple[Tensor, Tensor]:
-    """Soft-clustered points W~ (n, d) and the final centroids (detached), lean memory.
+        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> tuple[Tensor, Tensor, int]:
+    """Soft-clustered points W~ (n, d), the final centroids (detached) and the number of
+    iterations run, with lean memory.
 
     x: (n, d) points (gradients flow to them; any float dtype, computed in float32, or
     float64 when x is float64); c0: (k, d) starting centroids (treated as a constant, as
@@ -261,5 +263,6 @@ def dkm(x: Tensor, c0: Tensor, tau: float, iters: int = 5, eps: float = 1e-4,
         raise ValueError("uniquification (eDKM) needs scalar clusters (d = 1)")
     if stop not in ("centroids", "inertia"):
         raise ValueError(f"stop must be 'centroids' or 'inertia', got {stop!r}")
-    return _DKMFunction.apply(x, c0.detach(), float(tau), int(iters), float(eps),
-                              stop, bool(unique), int(chunk_elements))
+    out, c, steps = _DKMFunction.apply(x, c0.detach(), float(tau), int(iters), float(eps),
+                                       stop, bool(unique), int(chunk_elements))
+    return out, c, int(steps)
