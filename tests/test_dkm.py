@@ -164,3 +164,19 @@ def test_cluster_dim_must_divide_rows(small_net):
     with pytest.raises(ConfigError, match="bits per vector"):
         netshrink.compress(small_net, method="dkm", target="8bit", min_weights=256,
                            cluster_dim=4, overrides={"dw": None})
+
+
+def test_sixteen_bit_model_uses_uniquification():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 8)).to(torch.bfloat16)
+    prepared = netshrink.compress(model, method="dkm", target="3bit", finalize=False)
+    layers = dict(compressed_layers(prepared))
+    assert all(m.unique and m.latent.dtype == torch.bfloat16 for m in layers.values())
+    prepared.train()
+    prepared(torch.randn(4, 64, dtype=torch.bfloat16)).float().square().sum().backward()
+    assert all(m.latent.grad is not None and m.latent.grad.abs().sum() > 0
+               for m in layers.values())
+    finalize_model(prepared)
+    for m in dict(compressed_layers(prepared)).values():
+        w = (m.decode_weight().float() / m.scale[:, None]).reshape(-1)
+        assert torch.unique(w).numel() <= 8
