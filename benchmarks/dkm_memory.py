@@ -109,7 +109,8 @@ def main() -> None:
             rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"dkm_memory_{args.blocks}block.json"
+    suffix = "" if args.threads == 1 else f"_{args.threads}threads"
+    out = RESULTS / f"dkm_memory_{args.blocks}block{suffix}.json"
     out.write_text(json.dumps(rows, indent=1))
     print(f"\n{'variant':8} {'weights':>9} {'step s':>7} {'1st s':>6} {'peak MB':>8} "
           f"{'delta MB':>8}")
