@@ -79,7 +79,9 @@ class DKMConfig:
     tau: the paper's absolute temperature (or a `PAPER_TAU` key), else tau_rel x the
     layer's initial k-means distortion per vector; iters / epsilon / stop: the iteration
     cap and rule ("centroids": paper, max centroid change <= epsilon, 5 iterations;
-    "inertia": coremltools, relative inertia change <= epsilon, use iters=3); unique:
+    "inertia": coremltools, relative inertia change <= epsilon, use iters=3; epsilon is in
+    the units of the clustered values, which with `per_channel` lie in [-1, 1], so the
+    paper's 1e-4 is rarely reached and all `iters` run); unique:
     eDKM uniquification ("auto": for d = 1 when the weight is 16-bit); init_iters: Lloyd
     iterations of the initial k-means; chunk_elements: size of the temporaries;
     finalize=False: `compress` leaves the train-time DKM layers in place (coremltools'
