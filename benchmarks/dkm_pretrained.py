@@ -12,7 +12,8 @@ shared `train.fit` on the licence paragraphs of `netshrink.pretrained.local_text
 cosine-like target). Mean cosine between compressed and original embeddings on the held-out
 20% of paragraphs, soft and snapped.
 
-    PYTHONPATH=src python benchmarks/dkm_pretrained.py efficientnet --bits 4 --steps 10
+    PYTHONPATH=src python benchmarks/dkm_pretrained.py efficientnet --bits 4 --steps 10 \
+        --batch 4 --kmeans
     PYTHONPATH=src python benchmarks/dkm_pretrained.py minilm --bits 4 --steps 20
 """
 
@@ -77,6 +78,15 @@ def efficientnet(args: argparse.Namespace) -> dict:
                                         views)
     rows["file_bytes"] = size
     rows["ratio"] = netshrink.size.fp32_bits(model) / 8 / size
+    if args.kmeans:  # the baseline method with the same distillation steps
+        start = time.perf_counter()
+        km = netshrink.compress(model, "kmeans", f"{args.bits}bit", min_weights=0,
+                                data=train, finetune=ft)
+        rows["kmeans_finetune_s"] = round(time.perf_counter() - start, 1)
+        with tempfile.TemporaryDirectory() as tmp:
+            rows["kmeans_file_bytes"] = netshrink.save(km, Path(tmp) / "k.nsk")
+            rows["kmeans_finetuned_file"] = fidelity(
+                netshrink.load(Path(tmp) / "k.nsk", model), model, views)
     return rows
 
 
@@ -132,6 +142,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--kmeans", action="store_true", help="also kmeans + the same steps")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from netshrink import pretrained
