@@ -37,7 +37,7 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def run(spec: str, model: torch.nn.Module, train: DataLoader, test: DataLoader,
-        ft: netshrink.Finetune, tmp: Path) -> dict:
+        ft: netshrink.Finetune, tmp: Path, tau_rel: float = 0.5) -> dict:
     parts = spec.split(":")
     method, bits = parts[0], int(parts[1])
     d = int(parts[2]) if len(parts) > 2 else 1
@@ -48,7 +48,9 @@ def run(spec: str, model: torch.nn.Module, train: DataLoader, test: DataLoader,
         small = netshrink.compress(model, "kmeans", target, data=train, finetune=ft)
         row["post_training"] = evaluate(netshrink.compress(model, "kmeans", target), test)
     else:
-        small = netshrink.compress(model, "dkm", target, cluster_dim=d, finalize=False)
+        small = netshrink.compress(model, "dkm", target, cluster_dim=d, finalize=False,
+                                   tau_rel=tau_rel)
+        row["tau_rel"] = tau_rel
         with torch.no_grad():
             row["post_training"] = evaluate(small, test)  # hard snap at the k-means init
         fit(small, train, ft, teacher=model)
@@ -72,6 +74,7 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=20000)
     ap.add_argument("--test", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tau-rel", type=float, default=0.5)
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -85,10 +88,10 @@ def main() -> None:
     print(rows[-1], flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for spec in args.runs.split(","):
-            rows.append(run(spec, model, train, test, ft, Path(tmp)))
+            rows.append(run(spec, model, train, test, ft, Path(tmp), args.tau_rel))
             print(rows[-1], flush=True)
     protocol = {k: getattr(args, k) for k in ("steps", "batch", "lr", "train", "test",
-                                              "threads")}
+                                              "threads", "tau_rel")}
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"dkm_fashion_mnist{args.tag}.json"
     out.write_text(json.dumps({"protocol": protocol, "baseline": meta.get("test_accuracy"),
