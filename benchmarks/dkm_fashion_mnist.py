@@ -37,7 +37,7 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def run(spec: str, model: torch.nn.Module, train: DataLoader, test: DataLoader,
-        ft: netshrink.Finetune, tmp: Path, tau_rel: float = 0.5) -> dict:
+        ft: netshrink.Finetune, tmp: Path, tau_rel: float = 0.1) -> dict:
     parts = spec.split(":")
     method, bits = parts[0], int(parts[1])
     d = int(parts[2]) if len(parts) > 2 else 1
@@ -74,7 +74,7 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=20000)
     ap.add_argument("--test", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--tau-rel", type=float, default=0.5)
+    ap.add_argument("--tau-rel", type=float, default=0.1)
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
