@@ -102,7 +102,8 @@ def naive_dkm(x: Tensor, c0: Tensor, tau: float, iters: int = 5, eps: float = 1e
     return a @ c, c.detach(), steps
 
 
-def _rows(n_rows: int, k: int, d: int, chunk_elements: int) -> int:
+def _rows(k: int, d: int, chunk_elements: int) -> int:
+    """Points per chunk so that a (rows, k, d) temporary holds about chunk_elements."""
     return max(1, chunk_elements // max(1, k * max(d, 2)))
 
 
@@ -178,6 +179,11 @@ def _output_backward(x: Tensor, c: Tensor, g_out: Tensor, tau: float, rows: int
 
 
 class _DKMFunction(torch.autograd.Function):
+    """Forward: the iterations and W~ in chunks; saves only the points, the centroids
+    C_0..C_T and the attention masses m_1..m_T (k values each). Backward: the output's VJP,
+    then each iteration's VJP from the last to the first (paper §3.2: gradients flow to W
+    through D and through every centroid update), each recomputing A chunk by chunk."""
+
     @staticmethod
     def forward(ctx: Any, x: Tensor, c0: Tensor, tau: float, iters: int, eps: float,
                 stop: str, unique: bool, chunk_elements: int) -> tuple[Tensor, Tensor]:
@@ -191,7 +197,7 @@ class _DKMFunction(torch.autograd.Function):
             points, w = values[:, None].to(cdt), counts.to(cdt)
         else:
             points, w = x.to(cdt), None
-        rows = _rows(points.shape[0], k, d, chunk_elements)
+        rows = _rows(k, d, chunk_elements)
         cs = [c0.detach().to(cdt).clone()]  # the caller updates its centroids in place
         ms = []
         inertia_old = None
