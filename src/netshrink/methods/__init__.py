@@ -81,6 +81,7 @@ def methods() -> list[str]:
 def _load_builtin() -> None:
     from . import (  # noqa: F401  (each registers itself)
         alds,
+        dkm,
         kmeans,
         smh,
     )

@@ -1,0 +1,332 @@
+"""`dkm`: Differentiable k-Means (Cho et al., "DKM: Differentiable K-Means Clustering Layer
+for Neural Network Compression", ICLR 2022), train-time weight clustering.
+
+Each chosen layer becomes a `DKMLayer` (layer.py): its weight is cut into d-dimensional
+vectors (d = `cluster_dim`, d = 1 scalar), k = 2^b centroids are initialised once with the
+library's k-means (k-means++ seeding; for d = 1 Lloyd's iterations on sorted scalars run to
+their fixed point), and during fine-tuning every forward pass runs the soft k-means
+iterations of paper §3.2 (soft.py) with backpropagation through all of them, warm-starting
+from the previous step's detached centroids. Evaluation and `finalize` snap every vector to
+its nearest centroid; the saved layer is the foundation's `PalettizedLayer`: codes
+bit-packed at b bits per vector, the (k, d) codebook in fp16, and with `per_channel` a
+per-output-channel scale (max |w| of the row, coremltools' `enable_per_channel_scale`).
+
+Temperature (METHODS.md "Defaults"). The paper's tau is one global constant per
+experiment acting on raw squared distances (Table 7 values in `PAPER_TAU`); pass it as
+`tau=`. The default is scale-relative: tau_l = `tau_rel` x (mean squared distance of layer
+l's vectors to their nearest initial centroid), i.e. relative to the layer's own hard
+k-means distortion, so one default works across weight scales, per-channel scaling and bit
+widths. Mapping: for a layer with weight variance s^2, scalar k-means distortion is about
+0.36 s^2 (1 bit), 0.12 s^2 (2 bits), 0.035 s^2 (3 bits); with s ~ 0.02 (assumed typical
+of ImageNet ResNet convs, not measured here) the paper's 5e-5 / 2e-5 / 8e-6 are
+tau_rel ~ 0.35 / 0.42 / 0.57. Measured on ResNet-20 / Fashion-MNIST (BENCHMARKS.md),
+tau_rel = 0.5 left a large gap between the soft and the snapped model (2 bits: 0.912 vs
+0.899; 1 bit, d = 2: 0.895 vs 0.656) and 0.1 a small one with better snapped accuracy
+(0.907 / 0.909; 0.875 / 0.854), hence the default 0.1. Each layer's tau is in its repr.
+
+Bits. `bits` = b bits per vector (the paper's "b/d"); a whole-number bits target "Nbit" is
+N bits per *weight*, so b = N x d; other targets pick b per layer with `size.allocate`
+(high-rate estimate D(b) = n var(w) 2^(-2b/d)). Protocol presets (`protocol_overrides`):
+"table1" keeps the first and last layers dense (paper Table 1), "fig4" puts layers with
+fewer than 10,000 weights at 8 bits (paper Fig. 4).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+from tqdm import tqdm
+
+from ...errors import ConfigError
+from ...graph import LayerRef, weight_layers
+from ...kmeans import kmeans
+from ...layers import PalettizedLayer, compressible, set_module, stored_modules
+from ...size import Budget, Encoding, Option, allocate
+from .. import Method, register_method
+from .layer import DKMLayer, latent_rows, sixteen_bit
+from .soft import DEFAULT_CHUNK_ELEMENTS, dkm, naive_dkm
+
+__all__ = ["DKMConfig", "DKMLayer", "PAPER_TAU", "dkm", "finalize_model", "naive_dkm",
+           "protocol_overrides",
+           "soft_weights"]
+
+logger = logging.getLogger(__name__)
+
+PAPER_TAU: dict[str, float] = {
+    "resnet-3bit": 8e-6,
+    "resnet-2bit": 2e-5,
+    "resnet-1bit": 5e-5,
+    "mobilenet-2bit": 1e-4,
+    "distilbert": 8e-5,
+}
+"""The paper's global temperatures (Table 7), on raw squared distances: ResNet-18/50 at
+3, 2, 1 bits, MobileNet-v1/v2 at 2 bits, DistilBERT. Use with `per_channel=False` (the
+paper clusters raw weights); with a per-channel scale the distances are in units of each
+row's max |w|."""
+
+PROTOCOLS = ("table1", "fig4")
+SMALL_LAYER_WEIGHTS = 10_000  # paper Fig. 4: layers below this stay at 8 bits
+
+
+@dataclass(frozen=True)
+class DKMConfig:
+    """Options of the `dkm` method (bits, cluster_dim, per_channel, tau, tau_rel,
+    min_bits, max_bits and codebook_dtype may be overridden per layer).
+
+    bits: b bits per vector for every layer (else from the target); cluster_dim: d;
+    tau: the paper's absolute temperature (or a `PAPER_TAU` key), else tau_rel x the
+    layer's initial k-means distortion per vector; iters / epsilon / stop: the iteration
+    cap and rule ("centroids": paper, max centroid change <= epsilon, 5 iterations;
+    "inertia": coremltools, relative inertia change <= epsilon, use iters=3; epsilon is in
+    the units of the clustered values, which with `per_channel` lie in [-1, 1], so the
+    paper's 1e-4 is rarely reached and all `iters` run); unique:
+    eDKM uniquification ("auto": for d = 1 when the weight is 16-bit); init_iters: Lloyd
+    iterations of the initial k-means; chunk_elements: size of the temporaries;
+    finalize=False: `compress` leaves the train-time DKM layers in place (coremltools'
+    prepare step) for a training loop of your own; `finalize_model` snaps them afterwards.
+    """
+
+    bits: int | None = None
+    cluster_dim: int = 1
+    per_channel: bool = True
+    tau: float | str | None = None
+    tau_rel: float = 0.1
+    iters: int = 5
+    epsilon: float = 1e-4
+    stop: str = "centroids"
+    unique: bool | str = "auto"
+    min_bits: int = 1
+    max_bits: int = 8
+    init_iters: int = 30
+    codebook_dtype: str = "float16"
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+    finalize: bool = True
+
+    def __post_init__(self) -> None:
+        _check_bits(self.bits)
+        _check_dim(self.cluster_dim)
+        if not (isinstance(self.min_bits, int) and isinstance(self.max_bits, int)
+                and 1 <= self.min_bits <= self.max_bits <= 16):
+            raise ConfigError(f"need 1 <= min_bits <= max_bits <= 16, got "
+                              f"{self.min_bits}..{self.max_bits}")
+        _tau_value(self.tau)
+        if not self.tau_rel > 0:
+            raise ConfigError(f"tau_rel must be > 0, got {self.tau_rel!r}")
+        if not (isinstance(self.iters, int) and self.iters >= 1):
+            raise ConfigError(f"iters must be an integer >= 1, got {self.iters!r}")
+        if not self.epsilon >= 0:
+            raise ConfigError(f"epsilon must be >= 0, got {self.epsilon!r}")
+        if self.stop not in ("centroids", "inertia"):
+            raise ConfigError(f"stop must be 'centroids' (paper) or 'inertia' (coremltools), "
+                              f"got {self.stop!r}")
+        if self.unique not in (True, False, "auto"):
+            raise ConfigError(f"unique must be True, False or 'auto', got {self.unique!r}")
+        if self.unique is True and self.cluster_dim != 1:
+            raise ConfigError("unique=True (eDKM uniquification) needs cluster_dim=1")
+        if self.init_iters < 0 or self.chunk_elements < 1:
+            raise ConfigError("init_iters must be >= 0 and chunk_elements >= 1")
+        if self.codebook_dtype not in ("float16", "bfloat16", "float32"):
+            raise ConfigError(f"codebook_dtype must be float16, bfloat16 or float32, "
+                              f"got {self.codebook_dtype!r}")
+
+
+def _check_bits(bits: Any) -> None:
+    if bits is not None and not (isinstance(bits, int) and not isinstance(bits, bool)
+                                 and 1 <= bits <= 16):
+        raise ConfigError(f"bits must be an integer in 1..16 (k = 2^bits centroids), "
+                          f"got {bits!r}")
+
+
+def _check_dim(d: Any) -> None:
+    if not (isinstance(d, int) and not isinstance(d, bool) and d >= 1):
+        raise ConfigError(f"cluster_dim must be an integer >= 1, got {d!r}")
+
+
+def _tau_value(tau: float | str | None) -> float | None:
+    if tau is None:
+        return None
+    if isinstance(tau, str):
+        if tau not in PAPER_TAU:
+            raise ConfigError(f"unknown tau preset {tau!r}; known: {', '.join(PAPER_TAU)}")
+        return PAPER_TAU[tau]
+    if not (isinstance(tau, (int, float)) and tau > 0):
+        raise ConfigError(f"tau must be > 0 or a preset name, got {tau!r}")
+    return float(tau)
+
+
+def _side_bits(ref: LayerRef, bits: int, d: int, per_channel: bool, dtype: str) -> int:
+    """Stored bits of one layer except its bias: codes, the (2^b, d) LUT, the scale."""
+    enc = Encoding.of(dtype)
+    rows = ref.module.weight.shape[ref.out_axis]
+    return (Encoding.codes(bits).nbits(ref.n_weights // d) + enc.nbits(2**bits * d)
+            + (enc.nbits(rows) if per_channel else 0))
+
+
+class DKMMethod(Method):
+    name = "dkm"
+    config_cls = DKMConfig
+    summary = "differentiable k-means (train-time soft clustering, scalar or vector)"
+
+    def supports(self, module: nn.Module) -> str | None:
+        return compressible(module)
+
+    def _layer_dims(self, layers: list[LayerRef], cfg: DKMConfig) -> list[int]:
+        dims = []
+        for ref in layers:
+            d = ref.option(cfg, "cluster_dim")
+            _check_dim(d)
+            row_len = ref.n_weights // ref.module.weight.shape[ref.out_axis]
+            if row_len % d:
+                raise ConfigError(f"layer {ref.name!r}: cluster_dim={d} does not divide its "
+                                  f"rows of {row_len} weights (weight "
+                                  f"{tuple(ref.module.weight.shape)}); choose a divisor or "
+                                  "override cluster_dim for this layer")
+            dims.append(d)
+        return dims
+
+    def _bits_per_layer(self, layers: list[LayerRef], dims: list[int], budget: Budget,
+                        cfg: DKMConfig) -> list[int]:
+        fixed = [ref.option(cfg, "bits") for ref in layers]
+        for f in fixed:
+            _check_bits(f)
+        target = budget.target
+        if target.kind == "bits" and float(target.value).is_integer():
+            out = []
+            for ref, f, d in zip(layers, fixed, dims):
+                b = f if f is not None else int(target.value) * d
+                if not 1 <= b <= 16:
+                    raise ConfigError(f"layer {ref.name!r}: {target} with cluster_dim={d} "
+                                      f"needs {b} bits per vector; allowed 1..16")
+                out.append(b)
+            return out
+        counts_side = target.kind != "bits"
+        options: list[list[Option]] = []
+        for ref, f, d in zip(layers, fixed, dims):
+            lo, hi = (f, f) if f is not None else (ref.option(cfg, "min_bits"),
+                                                   ref.option(cfg, "max_bits"))
+            var = float(ref.module.weight.detach().float().var()) if ref.n_weights > 1 else 0.0
+            per_layer = []
+            for b in range(lo, hi + 1):
+                size = (_side_bits(ref, b, d, ref.option(cfg, "per_channel"),
+                                   ref.option(cfg, "codebook_dtype"))
+                        if counts_side else b * ref.n_weights / d)
+                per_layer.append(Option(b, size, ref.n_weights * var * 2.0 ** (-2 * b / d)))
+            options.append(per_layer)
+        try:
+            picks = allocate(options, budget.layer_bits())
+        except ValueError:
+            smallest = sum(min(o.size_bits for o in opts) for opts in options)
+            if counts_side:
+                raise budget.infeasible(smallest, "at the smallest allowed bit widths") from None
+            raise ConfigError(f"target {target} is below the smallest allowed widths "
+                              f"({smallest / budget.n_weights:.2f} bits per weight)") from None
+        return [opts[i].label for opts, i in zip(options, picks)]
+
+    def encode(self, model: nn.Module, layers: list[LayerRef], budget: Budget,
+               config: DKMConfig, *, data: Any = None, seed: int = 0) -> None:
+        dims = self._layer_dims(layers, config)
+        bits = self._bits_per_layer(layers, dims, budget, config)
+        progress = tqdm(list(zip(layers, dims, bits)), desc="dkm init", unit="layer",
+                        disable=None, leave=False)
+        for i, (ref, d, b) in enumerate(progress):
+            layer = make_layer(ref, b, d, config, seed + i)
+            logger.debug("%s: %d bits, d=%d, tau=%.3g", ref.name, b, d, layer.tau)
+            set_module(model, ref.name, layer)
+
+    def finalize(self, model: nn.Module, config: Any) -> None:
+        """Snap every DKM layer to its nearest centroids: plain `PalettizedLayer`s
+        (unless `finalize=False` asks to keep the train-time form)."""
+        if getattr(config, "finalize", True):
+            finalize_model(model)
+
+
+def finalize_model(model: nn.Module) -> nn.Module:
+    """Replace every DKM layer of `model` (in place) by its snapped `PalettizedLayer`,
+    rounded to the storage dtypes: exactly what `netshrink.save` writes. Returns `model`."""
+    for name, layer in list(stored_modules(model)):
+        if isinstance(layer, DKMLayer):
+            set_module(model, name, layer.snapped())
+    for _, layer in stored_modules(model):
+        layer.finalize()
+    return model
+
+
+def make_layer(ref: LayerRef, bits: int, d: int, cfg: DKMConfig, seed: int) -> DKMLayer:
+    """A `DKMLayer` for one chosen layer: initial k-means, temperature, options."""
+    module = ref.module
+    per_channel = ref.option(cfg, "per_channel")
+    dtype = ref.option(cfg, "codebook_dtype")
+    rows, scale = latent_rows(module, ref.out_axis, per_channel, dtype)
+    points = rows.reshape(-1, d).cpu()
+    init = "kmeans++" if bits <= 10 else "random"
+    result = kmeans(points, 2**bits, iters=cfg.init_iters, seed=seed, init=init)
+    tau = _tau_value(ref.option(cfg, "tau"))
+    if tau is None:
+        distortion = result.inertia / points.shape[0]
+        spread = float(points.var()) * d if points.numel() > 1 else 1.0
+        # a perfectly clustered layer has zero distortion: fall back to a tiny fraction
+        # of its spread so that the softmax stays defined
+        tau = ref.option(cfg, "tau_rel") * max(distortion, 1e-6 * spread, 1e-12)
+    unique = cfg.unique if cfg.unique != "auto" else (d == 1 and sixteen_bit(module))
+    if unique and d != 1:
+        raise ConfigError(f"layer {ref.name!r}: unique=True needs cluster_dim=1")
+    device = module.weight.device
+    return DKMLayer(module, result.centroids.to(device), rows.to(device),
+                    None if scale is None else scale.to(device), tau=tau, iters=cfg.iters,
+                    epsilon=cfg.epsilon, stop=cfg.stop, unique=bool(unique),
+                    codebook_dtype=dtype, out_axis=ref.out_axis,
+                    chunk_elements=cfg.chunk_elements)
+
+
+def protocol_overrides(model: nn.Module, protocol: str) -> dict[str, Any]:
+    """`compress` keyword arguments for the paper's two protocols.
+
+    "table1": first and last weight layers stay dense (paper Table 1), returned as
+    `overrides={first: None, last: None}`. "fig4": layers with fewer than 10,000 weights
+    are compressed at 8 bits (paper Fig. 4): `overrides={name: {"bits": 8}}` for each, and
+    `min_weights=0` so that they are not skipped. Usage:
+    `compress(model, "dkm", "2bit", **protocol_overrides(model, "table1"))`.
+    """
+    layers = [(n, m) for n, m in weight_layers(model) if compressible(m) is None]
+    if protocol == "table1":
+        if not layers:
+            return {"overrides": {}}
+        return {"overrides": {layers[0][0]: None, layers[-1][0]: None}}
+    if protocol == "fig4":
+        small = {n: {"bits": 8} for n, m in layers if m.weight.numel() < SMALL_LAYER_WEIGHTS}
+        return {"overrides": small, "min_weights": 0}
+    raise ConfigError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
+
+
+@contextlib.contextmanager
+def soft_weights(model: nn.Module) -> Iterator[None]:
+    """Within this block, DKM layers compute with their soft weights W~ = A C even in
+    evaluation mode: the paper's train-time accuracy (Table 5), beside the snapped one."""
+    layers = [m for _, m in stored_modules(model) if isinstance(m, DKMLayer)]
+    saved = [m.soft_eval for m in layers]
+    for m in layers:
+        m.soft_eval = True
+    try:
+        yield
+    finally:
+        for m, flag in zip(layers, saved):
+            m.soft_eval = flag
+
+
+def dkm_layers(model: nn.Module) -> list[tuple[str, DKMLayer]]:
+    """(name, layer) of every DKM layer still in training form."""
+    return [(n, m) for n, m in stored_modules(model) if isinstance(m, DKMLayer)]
+
+
+def is_final(model: nn.Module) -> bool:
+    """True when every palette layer is a plain `PalettizedLayer` (after finalize)."""
+    return all(type(m) is PalettizedLayer for _, m in stored_modules(model)
+               if isinstance(m, PalettizedLayer))
+
+
+register_method(DKMMethod())
