@@ -174,6 +174,7 @@ def greedy_start(state: ReaderState, size: int) -> np.ndarray:
 class GroupResult:
     """What the search did for one group."""
 
+    index: int
     description: str
     readers: int
     identity: float
@@ -185,7 +186,7 @@ class GroupResult:
 
 
 def search(group: Group, dims: dict[str, int], iters: int = 10_000, seed: int = 0,
-           check_every: int = 0) -> GroupResult | None:
+           check_every: int = 0, index: int = 0) -> GroupResult | None:
     """Greedy start + stochastic local search for one group (None: no scored reader).
 
     dims: the subvector length d of each reader, by module name (readers without one, i.e.
@@ -224,7 +225,7 @@ def search(group: Group, dims: dict[str, int], iters: int = 10_000, seed: int = 
                 raise AssertionError(f"incremental log det {current} != {fresh}")
     if id_value <= current:
         perm, current = identity, id_value
-    return GroupResult(group.describe(), len(states), id_value, greedy, current, accepted,
+    return GroupResult(index, group.describe(), len(states), id_value, greedy, current, accepted,
                        time.perf_counter() - start, perm)
 
 
@@ -288,7 +289,7 @@ def permute_model(model: nn.Module, dims: dict[str, int], iters: int = 10_000,
     results = []
     for gi, group in enumerate(tqdm(analysis.groups, desc="pqf permute", unit="group",
                                     disable=None, leave=False)):
-        res = search(group, dims, iters=iters, seed=seed + gi)
+        res = search(group, dims, iters=iters, seed=seed + gi, index=gi)
         if res is None:
             continue
         if not np.array_equal(res.perm, np.arange(group.size)):
