@@ -285,14 +285,18 @@ class _Walker:
         if any(True for _ in m.parameters(recurse=False)):
             self.calls[name] = self.calls.get(name, 0) + 1
         if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed and len(node.args) == 1:
-            if x.layout is None or x.flat or self.width(x.layout) != m.in_channels:
-                self.block(node, "conv input not understood")
-                return _Value(self.fresh(m.out_channels, blocked=True))
+            known = x.layout is not None and not x.flat and self.width(x.layout) == m.in_channels
             if m.groups == 1:
-                self.items.append(("reader", name, m, x.layout))
+                if known:
+                    self.items.append(("reader", name, m, x.layout))
+                else:  # e.g. the stem reading the model's input: its outputs stay free
+                    self.block(node, "conv input not understood (e.g. the model input)")
                 out = self.fresh(m.out_channels)
                 self.items.append(("writer", name, m, out))
                 return _Value(out)
+            if not known:
+                self.block(node, "grouped conv input not understood")
+                return _Value(self.fresh(m.out_channels, blocked=True))
             if m.groups == m.in_channels == m.out_channels:
                 self.items.append(("depthwise", name, m, x.layout))
                 return _Value(x.layout)
@@ -301,8 +305,8 @@ class _Walker:
         if isinstance(m, nn.Linear) and len(node.args) == 1:
             if x.layout is None or not x.flat or self.width(x.layout) != m.in_features:
                 self.block(node, "linear input not understood")
-                return _Value(self.fresh(m.out_features, blocked=True), flat=True)
-            self.items.append(("reader", name, m, x.layout))
+            else:
+                self.items.append(("reader", name, m, x.layout))
             out = self.fresh(m.out_features)
             self.items.append(("writer", name, m, out))
             return _Value(out, flat=True)
