@@ -85,5 +85,7 @@ def methods() -> list[str]:
 
 
 def _load_builtin() -> None:
-    from . import kmeans  # noqa: F401  (registers itself)
-    from . import pqf  # noqa: F401
+    from . import (
+        kmeans,  # noqa: F401  (registers itself)
+        pqf,  # noqa: F401
+    )

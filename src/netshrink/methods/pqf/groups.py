@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import operator
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -255,7 +254,7 @@ class _Walker:
             self.values[node] = self.visit(node)
         for name, count in self.calls.items():
             if count > 1:  # a shared module: permuting it for one call breaks the other
-                for role, n, _, layout in self.items:
+                for _role, n, _, layout in self.items:
                     if n == name:
                         self.u.blocked.update(s for s, _ in layout)
                 self.reasons.append(f"{name}: called {count} times")

@@ -15,10 +15,11 @@ stochastic local search: a random pair of positions is swapped and the swap kept
 the objective strictly drops; finally the identity is kept if it scores better.
 
 Incremental covariance: with the Gram matrix G of the group's input columns (blocks
-G[a, b] = W_a^T W_b of (kh*kw)^2 entries, precomputed) and column sums, the scatter matrix of a reader is a sum over subvector
-positions of d x d blocks gathered from G, so a swap that touches two positions updates it
-in O(d^2) (`ReaderState.swap_delta`). Where G would exceed `_GRAM_LIMIT` entries, the two
-positions' blocks are recomputed from the weights instead (O(C_out d^2)).
+G[a, b] = W_a^T W_b of (kh*kw)^2 entries, precomputed) and column sums, the scatter matrix
+of a reader is a sum over subvector positions of d x d blocks gathered from G, so a swap
+that touches two positions updates it in O(d^2) (`ReaderState.swap_delta`). Where G would
+exceed `_GRAM_LIMIT` entries, the two positions' blocks are recomputed from the weights
+instead (O(C_out d^2)).
 """
 
 from __future__ import annotations
@@ -78,12 +79,13 @@ class ReaderState:
         part = w[:, member.offset:member.offset + size, :]  # (O, n, k2)
         self.part = part
         self.colsum = part.sum(0)  # (n, k2)
-        rows_all = w.reshape(out, -1, d).reshape(-1, d)
         lo = member.offset * self.k2 // d
         hi = (member.offset + size) * self.k2 // d
-        inside = w.reshape(out, -1, d)[:, lo:hi].reshape(-1, d)
-        self.const_scatter = _gram(rows_all) - _gram(inside)
-        self.const_total = rows_all.sum(0) - inside.sum(0)
+        # subvectors outside the group's channels: a constant part of the scatter
+        subs = w.reshape(out, -1, d)
+        outside = np.concatenate([subs[:, :lo], subs[:, hi:]], axis=1).reshape(-1, d)
+        self.const_scatter = _gram(outside) if len(outside) else np.zeros((d, d))
+        self.const_total = outside.sum(0)
         flat = part.reshape(out, size * self.k2)
         self.gram = _gram(flat) if (size * self.k2) ** 2 <= _GRAM_LIMIT else None
         self.offsets = np.arange(self.k2)
