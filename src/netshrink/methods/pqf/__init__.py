@@ -325,6 +325,7 @@ class PQFMethod(Method):
 
     def __init__(self) -> None:
         self._cache = _PermCache()
+        self._planned: tuple[int, list[str], dict[str, Choice]] | None = None
         self.last_plan: dict[str, Choice] = {}
 
     @property
@@ -340,10 +341,13 @@ class PQFMethod(Method):
 
     def prepare(self, model: nn.Module, layers: list[LayerRef], budget: Budget,
                 config: PQFConfig, *, data: Any = None, seed: int = 0) -> None:
-        """Permute the model's channel groups (in place, same function) before quantizing."""
+        """Plan sizes, then permute the model's channel groups (in place, same function) for
+        the planned subvector lengths. The plan is made on the weights as given and kept for
+        `encode`, so that permuting or not compares the same (d, k) per layer."""
+        choices = plan(model, layers, budget, config)
+        self._planned = (id(model), [r.name for r in layers], choices)
         if not config.permute:
             return
-        choices = plan(model, layers, budget, config)
         dims = {name: c.d for name, c in choices.items() if not c.dense}
         key = _cache_key(model, dims, config, seed)
         if key == self._cache.key:
@@ -356,7 +360,12 @@ class PQFMethod(Method):
 
     def encode(self, model: nn.Module, layers: list[LayerRef], budget: Budget,
                config: PQFConfig, *, data: Any = None, seed: int = 0) -> None:
-        choices = plan(model, layers, budget, config)
+        planned = getattr(self, "_planned", None)
+        if planned is not None and planned[:2] == (id(model), [r.name for r in layers]):
+            choices = planned[2]
+        else:
+            choices = plan(model, layers, budget, config)
+        self._planned = None
         self.last_plan = choices
         progress = tqdm(layers, desc="pqf", unit="layer", disable=None, leave=False)
         for i, ref in enumerate(progress):
