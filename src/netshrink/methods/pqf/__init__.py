@@ -356,6 +356,8 @@ class PQFMethod(Method):
                 apply_permutation(analysis.groups[index], perm)
             return
         report = permute_model(model, dims, iters=config.permute_iters, seed=seed)
+        if not report.traced:
+            logger.warning("pqf: %s; quantizing without it", report.summary())
         self._cache = _PermCache(key, [(g.index, g.perm) for g in report.groups], report)
 
     def encode(self, model: nn.Module, layers: list[LayerRef], budget: Budget,
@@ -379,6 +381,17 @@ class PQFMethod(Method):
                                      anneal=config.anneal, iters=config.iters, seed=seed + i,
                                      codebook_dtype=ref.option(config, "codebook_dtype"))
             set_module(model, ref.name, layer)
+
+    def finalize(self, model: nn.Module, config: Any) -> None:
+        super().finalize(model, config)
+        _finalize_note(model)
+
+
+def _finalize_note(model: nn.Module) -> None:
+    from ...size import format_bytes
+
+    logger.info("pqf: size in the paper's convention (codes, fp16 codebooks, other tensors "
+                "fp32, BatchNorm as two vectors): %s", format_bytes(paper_size_bits(model) / 8))
 
 
 def _cache_key(model: nn.Module, dims: dict[str, int], cfg: PQFConfig, seed: int) -> str:
