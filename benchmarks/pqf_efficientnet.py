@@ -9,7 +9,7 @@ else 4, 20 iterations; plain Lloyd and SR-C): faiss is compared only if it is in
 
     PYTHONPATH=src .venv/bin/python benchmarks/pqf_efficientnet.py --target x8
 
-Writes benchmarks/results/pqf_efficientnet_<target>.json and prints a table.
+Writes benchmarks/results/pqf_efficientnet_<target>[_<block>].json and prints a table.
 """
 
 from __future__ import annotations
@@ -131,7 +131,8 @@ def main() -> None:
     if args.speed:
         result["speed"] = speed(model)
         print(result["speed"])
-    out = Path(__file__).parent / "results" / f"pqf_efficientnet_{args.target}.json"
+    suffix = "" if args.block == "auto" else f"_{args.block}"
+    out = Path(__file__).parent / "results" / f"pqf_efficientnet_{args.target}{suffix}.json"
     out.write_text(json.dumps(result, indent=1))
 
 
