@@ -224,7 +224,8 @@ def _options(ref: LayerRef, cfg: PQFConfig, classifier: bool, counts_side: bool,
                         + (enc.nbits(rows.shape[0]) if scale else 0))
             else:
                 size = bits * n_sub
-            # weight_sq / n_weights: mean squared scale (1 without scales)
+            # weight_sq = sum over rows of scale^2 * row length (n_weights without scales),
+            # so the estimate is in the units of the original weights
             distortion = weight_sq * sigma * k ** (-2.0 / d)
             out.append((Choice(d, k, scale), Option(len(out), size, distortion)))
     return out
