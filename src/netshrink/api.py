@@ -90,13 +90,14 @@ def compress(
                                         overrides=overrides)
         if attempt == 0:
             share = _check_coverage(student, chosen, skipped, strict)
-        originals = {ref.name: ref.module.weight.detach().clone() for ref in chosen}
         weights_bits = dense_bits((r.name, r.module.weight) for r in chosen)
         fixed_bits = model_bits(student) - weights_bits
         if header_reserve is None:
             header_reserve = _first_header_estimate(student, len(chosen))
         budget = Budget(tgt, fp32_bits(model), fixed_bits, sum(r.n_weights for r in chosen),
                         header_bits=8 * header_reserve)
+        algo.prepare(student, chosen, budget, cfg, data=data, seed=seed)
+        originals = {ref.name: ref.module.weight.detach().clone() for ref in chosen}
         logger.info("%s: compressing %d layers (%d weights) to %s; %d layers kept dense",
                     algo.name, len(chosen), budget.n_weights, tgt, len(skipped))
         algo.encode(student, chosen, budget, cfg, data=data, seed=seed)

@@ -8,6 +8,12 @@ clusters one point set per layer, each independently seeded. Empty
 clusters are re-seeded with the point farthest from its centroid. Same input and seed ->
 same result, bit for bit. PQF (product quantization) and DKM (initial centroids) build on
 this module.
+
+`anneal=I` switches Lloyd's updates to SR-C, the stochastic relaxation of Zeger, Vaisey &
+Gersho (1992) that PQF uses (METHODS.md, PQF, "Annealed k-means"): I+1 passes; pass i
+assigns the clean points, then moves each centroid to the mean of its points perturbed by
+fresh Gaussian noise of per-dimension std times (1 - i/I)^0.5, so the last pass is a plain
+noise-free Lloyd step.
 """
 
 from __future__ import annotations
@@ -112,6 +118,7 @@ def kmeans(
     init: str | torch.Tensor = "kmeans++",
     tol: float = 0.0,
     chunk: int = DEFAULT_CHUNK,
+    anneal: int = 0,
 ) -> KMeansResult:
     """Cluster points x ((n,) or (n, d)) into k centroids with Lloyd's algorithm.
 
@@ -120,6 +127,9 @@ def kmeans(
     (vectors also when the inertia improves by at most `tol`, relative; scalars always run
     to a fixed point). Computation runs in float32 (or
     float64 if x is float64) on x's device; sums are accumulated in float64.
+
+    anneal: I > 0 runs SR-C annealing instead (module docstring): exactly I+1 passes,
+    `iters` and `tol` are ignored; the noise comes from the seeded generator.
     """
     x = _as_points(x.detach())
     if not x.is_floating_point():
@@ -143,6 +153,10 @@ def kmeans(
     else:
         raise ValueError(f"unknown init {init!r}: use 'kmeans++', 'random' or a tensor")
 
+    if anneal < 0:
+        raise ValueError(f"anneal must be >= 0, got {anneal}")
+    if anneal > 0:
+        return _sr_c(x, k, centroids, anneal, gen, chunk)
     if d == 1 and iters > 0:
         centroids = _lloyd_scalar(x[:, 0], centroids, iters)
         iters = 1  # one generic pass: labels, inertia, re-seeding of any empty cluster
@@ -158,6 +172,24 @@ def kmeans(
         if converged:
             break
     return KMeansResult(centroids, labels, inertia)
+
+
+def _sr_c(x: torch.Tensor, k: int, centroids: torch.Tensor, passes: int,
+          gen: torch.Generator, chunk: int) -> KMeansResult:
+    """SR-C (METHODS.md, PQF): for i = 0..I, labels from the clean points, centroids = mean
+    of X + (1 - i/I)^0.5 * N(0, 1) * std_dim over each cluster; empty clusters re-seeded."""
+    std = x.std(0, keepdim=True) if x.shape[0] > 1 else torch.zeros_like(x[:1])
+    labels, dists = assign(x, centroids, chunk)
+    for i in range(passes + 1):
+        scale = (1.0 - i / passes) ** 0.5
+        if scale > 0:
+            noise = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
+            noisy = x + scale * noise * std
+        else:
+            noisy = x
+        centroids = update_centroids(noisy, labels, k, centroids, dists)
+        labels, dists = assign(x, centroids, chunk)
+    return KMeansResult(centroids, labels, float(dists.sum(dtype=torch.float64)))
 
 
 def _lloyd_scalar(x: torch.Tensor, centroids: torch.Tensor, iters: int) -> torch.Tensor:
@@ -207,7 +239,7 @@ def update_centroids(x: torch.Tensor, labels: torch.Tensor, k: int,
 
 def kmeans_batched(xs: Sequence[torch.Tensor], ks: Sequence[int] | int, *,
                    iters: int = 30, seed: int = 0, init: str = "kmeans++",
-                   chunk: int = DEFAULT_CHUNK) -> list[KMeansResult]:
+                   chunk: int = DEFAULT_CHUNK, anneal: int = 0) -> list[KMeansResult]:
     """Cluster several point sets (e.g. one per layer), each with its own k.
 
     Each set gets its own generator seeded with seed + its index, so the result for a set
@@ -216,5 +248,5 @@ def kmeans_batched(xs: Sequence[torch.Tensor], ks: Sequence[int] | int, *,
     ks = [ks] * len(xs) if isinstance(ks, int) else list(ks)
     if len(ks) != len(xs):
         raise ValueError("one k per point set")
-    return [kmeans(x, k, iters=iters, seed=seed + i, init=init, chunk=chunk)
+    return [kmeans(x, k, iters=iters, seed=seed + i, init=init, chunk=chunk, anneal=anneal)
             for i, (x, k) in enumerate(zip(xs, ks))]

@@ -44,6 +44,12 @@ class Method:
         """None if this method can compress the module, else the reason it cannot."""
         raise NotImplementedError
 
+    def prepare(self, model: nn.Module, layers: list[LayerRef], budget: Budget, config: Any,
+                *, data: Any = None, seed: int = 0) -> None:
+        """Change the model without changing its function before it is encoded (e.g. PQF's
+        channel permutation); the per-layer statistics (SQNR) compare against the weights
+        after this step. Nothing by default."""
+
     def encode(self, model: nn.Module, layers: list[LayerRef], budget: Budget, config: Any,
                *, data: Any = None, seed: int = 0) -> None:
         """Replace the chosen layers of `model` (in place) with compressed layers."""
@@ -83,5 +89,6 @@ def _load_builtin() -> None:
         alds,
         dkm,
         kmeans,
+        pqf,
         smh,
     )
