@@ -277,6 +277,31 @@ class Budget:
         )
 
 
+    def pick(self, options: Sequence[Sequence[Option]], what: str) -> list[int]:
+        """`allocate` under this budget's layer bits; when even the smallest options do not
+        fit, the target's error: `InfeasibleTargetError` with the feasible range for a size
+        or ratio target, `ConfigError` for a bits target. `what` names the smallest options
+        ("at the smallest allowed bit widths")."""
+        available = self.layer_bits()  # raises for a target above the fp32 model
+        try:
+            return allocate(options, available)
+        except ValueError:
+            smallest = sum(min(o.size_bits for o in opts) for opts in options)
+            if self.target.kind != "bits":
+                raise self.infeasible(smallest, what) from None
+            raise ConfigError(f"target {self.target} is below the smallest options, "
+                              f"{what} ({smallest / self.n_weights:.3f} bits per weight)"
+                              ) from None
+
+
+def palette_bits(n_codes: int, bits: int, d: int, scale_rows: int, dtype: str) -> int:
+    """Stored bits of a palette (`layers.PalettizedLayer`, bias not included): `n_codes`
+    codes packed at `bits` bits, a (2^bits, d) codebook and `scale_rows` per-channel scales
+    (0 for none), codebook and scales in `dtype`."""
+    enc = Encoding.of(dtype)
+    return Encoding.codes(bits).nbits(n_codes) + enc.nbits(2**bits * d) + enc.nbits(scale_rows)
+
+
 @dataclass(frozen=True)
 class Option:
     """One way to encode one layer: its label (e.g. bits), stored size and distortion."""

@@ -28,7 +28,7 @@ from ..layers import (
     set_module,
     weight_rows,
 )
-from ..size import Budget, Encoding, Option, allocate
+from ..size import Budget, Option, palette_bits
 from . import Method, register_method
 
 
@@ -61,12 +61,11 @@ class KMeansConfig:
                               f"got {self.codebook_dtype!r}")
 
 
-def _side_bits(ref: LayerRef, bits: int, per_channel: bool, dtype: str) -> int:
-    """Stored bits of one palettized layer except its bias (which counts as fixed)."""
-    enc = Encoding.of(dtype)
-    rows = ref.module.weight.shape[ref.out_axis]
-    return (Encoding.codes(bits).nbits(ref.n_weights) + enc.nbits(2**bits)
-            + (enc.nbits(rows) if per_channel else 0))
+def palette_layer_bits(ref: LayerRef, bits: int, d: int, per_channel: bool, dtype: str) -> int:
+    """Stored bits of one palettized layer (vectors of d weights) except its bias, which
+    counts as fixed."""
+    rows = ref.module.weight.shape[ref.out_axis] if per_channel else 0
+    return palette_bits(ref.n_weights // d, bits, d, rows, dtype)
 
 
 class KMeansMethod(Method):
@@ -91,20 +90,12 @@ class KMeansMethod(Method):
             var = float(ref.module.weight.detach().float().var()) if ref.n_weights > 1 else 0.0
             per_layer = []
             for b in range(lo, hi + 1):
-                size = (_side_bits(ref, b, ref.option(cfg, "per_channel"),
-                                   ref.option(cfg, "codebook_dtype"))
+                size = (palette_layer_bits(ref, b, 1, ref.option(cfg, "per_channel"),
+                                      ref.option(cfg, "codebook_dtype"))
                         if counts_side else b * ref.n_weights)
                 per_layer.append(Option(b, size, ref.n_weights * var * 2.0 ** (-2 * b)))
             options.append(per_layer)
-        available = budget.layer_bits()
-        try:
-            picks = allocate(options, available)
-        except ValueError:
-            smallest = sum(min(o.size_bits for o in opts) for opts in options)
-            if counts_side:
-                raise budget.infeasible(smallest, "at the smallest allowed bit widths") from None
-            raise ConfigError(f"target {target} is below the smallest allowed widths "
-                              f"({smallest / budget.n_weights:.2f} bits per weight)") from None
+        picks = budget.pick(options, "at the smallest allowed bit widths")
         return [opts[i].label for opts, i in zip(options, picks)]
 
     def encode(self, model: nn.Module, layers: list[LayerRef], budget: Budget,

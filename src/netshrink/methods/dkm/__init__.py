@@ -46,8 +46,9 @@ from ...errors import ConfigError
 from ...graph import LayerRef, weight_layers
 from ...kmeans import kmeans
 from ...layers import PalettizedLayer, compressible, set_module, stored_modules
-from ...size import Budget, Encoding, Option, allocate
+from ...size import Budget, Option
 from .. import Method, register_method
+from ..kmeans import palette_layer_bits
 from .layer import DKMLayer, latent_rows, sixteen_bit
 from .soft import DEFAULT_CHUNK_ELEMENTS, dkm, naive_dkm
 
@@ -159,14 +160,6 @@ def _tau_value(tau: float | str | None) -> float | None:
     return float(tau)
 
 
-def _side_bits(ref: LayerRef, bits: int, d: int, per_channel: bool, dtype: str) -> int:
-    """Stored bits of one layer except its bias: codes, the (2^b, d) LUT, the scale."""
-    enc = Encoding.of(dtype)
-    rows = ref.module.weight.shape[ref.out_axis]
-    return (Encoding.codes(bits).nbits(ref.n_weights // d) + enc.nbits(2**bits * d)
-            + (enc.nbits(rows) if per_channel else 0))
-
-
 class DKMMethod(Method):
     name = "dkm"
     config_cls = DKMConfig
@@ -212,19 +205,12 @@ class DKMMethod(Method):
             var = float(ref.module.weight.detach().float().var()) if ref.n_weights > 1 else 0.0
             per_layer = []
             for b in range(lo, hi + 1):
-                size = (_side_bits(ref, b, d, ref.option(cfg, "per_channel"),
-                                   ref.option(cfg, "codebook_dtype"))
+                size = (palette_layer_bits(ref, b, d, ref.option(cfg, "per_channel"),
+                                           ref.option(cfg, "codebook_dtype"))
                         if counts_side else b * ref.n_weights / d)
                 per_layer.append(Option(b, size, ref.n_weights * var * 2.0 ** (-2 * b / d)))
             options.append(per_layer)
-        try:
-            picks = allocate(options, budget.layer_bits())
-        except ValueError:
-            smallest = sum(min(o.size_bits for o in opts) for opts in options)
-            if counts_side:
-                raise budget.infeasible(smallest, "at the smallest allowed bit widths") from None
-            raise ConfigError(f"target {target} is below the smallest allowed widths "
-                              f"({smallest / budget.n_weights:.2f} bits per weight)") from None
+        picks = budget.pick(options, "at the smallest allowed bit widths")
         return [opts[i].label for opts, i in zip(options, picks)]
 
     def encode(self, model: nn.Module, layers: list[LayerRef], budget: Budget,

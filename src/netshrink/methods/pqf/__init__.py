@@ -41,7 +41,7 @@ from ...errors import ConfigError
 from ...graph import LayerRef, weight_layers
 from ...kmeans import kmeans
 from ...layers import PalettizedLayer, channel_scales, compressible, set_module, weight_rows
-from ...size import Budget, Encoding, Option, allocate, ceil_log2
+from ...size import Budget, Encoding, Option, ceil_log2, palette_bits
 from ...train import Finetune
 from .. import Method, register_method
 from .groups import analyse
@@ -193,7 +193,6 @@ def _options(ref: LayerRef, cfg: PQFConfig, classifier: bool, counts_side: bool,
         return [(Choice(), Option(0, Encoding.of(module.weight.dtype).nbits(ref.n_weights)
                                   if counts_side else 32 * ref.n_weights, 0.0))]
     dtype = ref.option(cfg, "codebook_dtype")
-    enc = Encoding.of(dtype)
     w = module.weight.detach().float().cpu()
     rows = weight_rows(w, ref.out_axis)
     depthwise = is_depthwise(module)
@@ -220,8 +219,7 @@ def _options(ref: LayerRef, cfg: PQFConfig, classifier: bool, counts_side: bool,
         for bits in range(1, ceil_log2(k_cap) + 1):
             k = 2**bits
             if counts_side:
-                size = (Encoding.codes(bits).nbits(n_sub) + enc.nbits(k * d)
-                        + (enc.nbits(rows.shape[0]) if scale else 0))
+                size = palette_bits(n_sub, bits, d, rows.shape[0] if scale else 0, dtype)
             else:
                 size = bits * n_sub
             # weight_sq = sum over rows of scale^2 * row length (n_weights without scales),
@@ -252,15 +250,7 @@ def plan(model: nn.Module, layers: list[LayerRef], budget: Budget, cfg: PQFConfi
     per_layer = [_options(ref, cfg, ref.name == fc, counts_side,
                           dense=ref.name == stem and not ref.options) for ref in layers]
     options = [[o for _, o in opts] for opts in per_layer]
-    available = budget.layer_bits()
-    try:
-        picks = allocate(options, available)
-    except ValueError:
-        smallest = sum(min(o.size_bits for o in opts) for opts in options)
-        if counts_side:
-            raise budget.infeasible(smallest, "with the smallest codebooks") from None
-        raise ConfigError(f"target {budget.target} is below the smallest codes "
-                          f"({smallest / budget.n_weights:.3f} bits per weight)") from None
+    picks = budget.pick(options, "with the smallest codebooks")
     return {ref.name: opts[i][0] for ref, opts, i in zip(layers, per_layer, picks)}
 
 
