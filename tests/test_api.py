@@ -180,7 +180,8 @@ def test_method_notes_reach_info_report_and_file(small_net, saved_reports, monke
     manifest; a method without notes adds no keys (files as before)."""
     plain = netshrink.compress(small_net, "kmeans", "4bit", min_weights=0)
     assert "notes" not in plain.netshrink_info and "facts" not in plain.netshrink_info
-    assert netshrink.report(plain).notes == [] and netshrink.report(plain).facts == {}
+    for rep in saved_reports(plain, small_net):
+        assert rep.notes == [] and rep.facts == {} and rep.target == "4bit"
 
     from netshrink.methods import Notes
     method = netshrink.get_method("kmeans")
