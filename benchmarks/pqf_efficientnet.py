@@ -29,10 +29,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import netshrink
 from netshrink.data import photo_views, random_photo_views
+from netshrink.graph import weight_layers
 from netshrink.kmeans import kmeans
 from netshrink.layers import weight_rows
 from netshrink.methods import get_method
-from netshrink.methods.pqf import paper_size_bits
+from netshrink.methods.pqf import paper_size_bits, plan_of, search_again
 from netshrink.pretrained import efficientnet_lite0
 from netshrink.report import format_table
 from netshrink.size import fp32_bits
@@ -84,13 +85,14 @@ def main() -> None:
             small = netshrink.compress(model, "pqf", args.target, block=args.block,
                                        permute=permute, min_weights=0, seed=0)
             seconds = time.perf_counter() - start
-            perm = method.last_permutation if permute else None
+            perm = search_again(model, small) if permute else None
             path = Path(tmp) / "m.nsk"
             size = netshrink.save(small, path)
             again = netshrink.load(path, model)
             label = "PQF (permuted)" if permute else "PQ + SR-C (no permutation)"
             sqnr[label] = {k: v["sqnr_db"] for k, v in small.netshrink_info["layers"].items()}
-            plan = [str(v) for v in method.last_plan.values()]
+            names = [n for n, _ in weight_layers(model)]
+            plan = [str(v) for v in plan_of(small, names).values()]
             row = {"setting": label, "file_bytes": size,
                    "ratio": fp32_bits(model) / 8 / size,
                    "paper_ratio": paper_size_bits(model) / paper_size_bits(small),

@@ -31,8 +31,9 @@ from torch.utils.data import DataLoader
 import netshrink
 from netshrink import zoo
 from netshrink.data import fashion_mnist
+from netshrink.graph import weight_layers
 from netshrink.methods import get_method
-from netshrink.methods.pqf import official_finetune, paper_size_bits
+from netshrink.methods.pqf import official_finetune, paper_size_bits, plan_of, search_again
 from netshrink.report import format_table
 from netshrink.size import fp32_bits
 from netshrink.train import evaluate, fit
@@ -78,7 +79,8 @@ def main() -> None:
             start = time.perf_counter()
             post = netshrink.compress(model, "pqf", args.target, **kw)
             post_s = time.perf_counter() - start
-            perm = method.last_permutation if opts.get("permute") else None
+            perm = search_again(model, post) if opts.get("permute") else None
+            plan = plan_of(post, [n for n, _ in weight_layers(model)])
             # = compress(..., data=train, finetune=tune) without encoding twice
             start = time.perf_counter()
             tuned = copy.deepcopy(post)
@@ -100,7 +102,7 @@ def main() -> None:
                 "perm_search_s": perm.seconds if perm else 0.0,
                 "mean_sqnr_db": sum(v["sqnr_db"] for v in post.netshrink_info["layers"].values())
                 / len(post.netshrink_info["layers"]),
-                "plan": {k: str(v) for k, v in method.last_plan.items()},
+                "plan": {k: str(v) for k, v in plan.items()},
             })
             print({k: v for k, v in rows[-1].items() if k != "plan"}, flush=True)
     plain = rows[0]["tuned_acc"]

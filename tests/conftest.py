@@ -49,3 +49,22 @@ def toy_loader() -> torch.utils.data.DataLoader:
     x = torch.randn(256, 1, 12, 12, generator=g)
     y = ((x.mean((1, 2, 3)) * 40).long().clamp(-5, 4) + 5)
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+
+
+@pytest.fixture
+def saved_reports(tmp_path):
+    """A function (compressed model, uncompressed model like it) -> its three reports:
+    live (`netshrink.report`), from the saved file's manifest alone (`inspect_file` +
+    `report_from_manifest`, what `netshrink inspect` prints) and of the reloaded model."""
+    import netshrink
+    from netshrink.report import report_from_manifest
+
+    def reports(small: nn.Module, like: nn.Module) -> list:
+        path = tmp_path / "reported.nsk"
+        netshrink.save(small, path)
+        info = netshrink.inspect_file(path)
+        return [netshrink.report(small),
+                report_from_manifest(info["manifest"], info["header_bytes"]),
+                netshrink.report(netshrink.load(path, like))]
+
+    return reports

@@ -111,6 +111,28 @@ def test_grouped_error_lies_between_code_and_paper(k):
         assert paper == pytest.approx(math.sqrt(k) * code)
 
 
+def test_report_states_keep_ratio_and_flops_kept(net, x, saved_reports):
+    """With keep_ratio the report's target is the keep ratio (not compress's default
+    '4bit'), and it states requested and achieved parameter share and FLOPs kept, also
+    from the saved file."""
+    total = parameter_count(net)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=4)
+    small = netshrink.compress(net, "alds", keep_ratio=0.5, min_weights=0, data=data)
+    kept = parameter_count(small)
+    macs, dense = count_macs(small, x[:1]), count_macs(net, x[:1])
+    assert macs < dense
+    for rep in saved_reports(small, net):
+        assert rep.target == "keep_ratio 0.5"
+        line = next(n for n in rep.notes if n.startswith("alds keep_ratio 0.5: "))
+        assert f"kept {kept} of {total} parameters ({kept / total:.4f})" in line
+        assert f"FLOPs kept {macs / dense:.4f} ({macs} of {dense} multiply-adds" in line
+        assert rep.facts["params_kept"] == kept and rep.facts["macs_kept"] == macs
+    # without data the FLOPs are said to be unmeasured; a size target stays the target
+    sized = netshrink.compress(net, "alds", "x2", min_weights=0)
+    rep = netshrink.report(sized)
+    assert rep.target == "x2" and "FLOPs kept not measured" in rep.notes[0]
+
+
 def test_keep_ratio_met_within_one_rank_step_and_reported(net, x):
     total = parameter_count(net)
     small = netshrink.compress(net, "alds", keep_ratio=0.5, min_weights=0)

@@ -173,3 +173,27 @@ def test_codebook_gradients_are_deterministic():
         (layer.decode_weight() * grad_out).sum().backward()
         grads.add(tuple(layer.codebook.grad.flatten().tolist()))
     assert len(grads) == 1
+
+
+def test_method_notes_reach_info_report_and_file(small_net, saved_reports, monkeypatch):
+    """A method's `Notes` from encode land in netshrink_info, the report and the saved
+    manifest; a method without notes adds no keys (files as before)."""
+    plain = netshrink.compress(small_net, "kmeans", "4bit", min_weights=0)
+    assert "notes" not in plain.netshrink_info and "facts" not in plain.netshrink_info
+    for rep in saved_reports(plain, small_net):
+        assert rep.notes == [] and rep.facts == {} and rep.target == "4bit"
+
+    from netshrink.methods import Notes
+    method = netshrink.get_method("kmeans")
+    encode = method.encode
+
+    def noted(*args, **kwargs):
+        encode(*args, **kwargs)
+        return Notes(["kmeans: a test note"], {"answer": 42}, target="my budget")
+
+    monkeypatch.setattr(method, "encode", noted)
+    small = netshrink.compress(small_net, "kmeans", "x4", min_weights=0)
+    assert small.netshrink_info["notes"] == ["kmeans: a test note"]
+    for rep in saved_reports(small, small_net):
+        assert rep.notes == ["kmeans: a test note"] and rep.facts == {"answer": 42}
+        assert rep.target == "my budget" and "note: kmeans: a test note" in rep.summary()

@@ -180,3 +180,21 @@ def test_sixteen_bit_model_uses_uniquification():
     for m in dict(compressed_layers(prepared)).values():
         w = (m.decode_weight().float() / m.scale[:, None]).reshape(-1)
         assert torch.unique(w).numel() <= 8
+
+
+def test_report_states_tau_rule_range_and_iterations(small_net, saved_reports):
+    """The snapped layers no longer carry tau: the report (and the saved file) keep the
+    rule, the layers' tau range and the soft k-means iteration rule."""
+    kw = dict(min_weights=0, seed=0)
+    soft = netshrink.compress(small_net, "dkm", "2bit", finalize=False, **kw)
+    taus = [m.tau for _, m in compressed_layers(soft)]
+    small = netshrink.compress(small_net, "dkm", "2bit", **kw)
+    for rep in saved_reports(small, small_net):
+        line = next(n for n in rep.notes if n.startswith("dkm: "))
+        assert "tau = 0.1 x each layer's initial k-means distortion" in line
+        assert f"layer taus {min(taus):.3g} .. {max(taus):.3g}" in line
+        assert "up to 5 iterations per training step (stop 'centroids'" in line
+        assert rep.facts["tau_max"] == pytest.approx(max(taus))
+    paper = netshrink.compress(small_net, "dkm", "2bit", tau="resnet-2bit", **kw)
+    note = netshrink.report(paper).notes[0]
+    assert note.startswith("dkm: tau = resnet-2bit (2e-05); layer taus 2e-05 .. 2e-05")

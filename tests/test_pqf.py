@@ -18,9 +18,10 @@ from netshrink.fileformat import header_bytes
 from netshrink.kmeans import kmeans
 from netshrink.layers import PalettizedLayer, channel_scales, compressed_layers, weight_rows
 from netshrink.methods import get_method
-from netshrink.methods.pqf import official_finetune, paper_size_bits
+from netshrink.methods.pqf import Choice, official_finetune, paper_size_bits, plan_of
 from netshrink.methods.pqf.groups import analyse
 from netshrink.methods.pqf.permute import ReaderState, permute_model, scorable, search
+from netshrink.size import format_bytes
 
 
 @pytest.fixture(autouse=True)
@@ -124,7 +125,7 @@ def test_groups_of_resnet20_follow_residual_streams():
     assert len(inner) == 1 and inner[0].size == 16
 
 
-def test_untraceable_model_gets_no_permutation_and_still_compresses(small_net):
+def test_untraceable_model_gets_no_permutation_and_still_compresses(saved_reports):
     class Branchy(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -140,8 +141,11 @@ def test_untraceable_model_gets_no_permutation_and_still_compresses(small_net):
     model = Branchy()
     assert not analyse(model).traced
     small = netshrink.compress(model, "pqf", "x4", min_weights=0, keep_stem=False, anneal=2)
-    assert get_method("pqf").last_permutation.traced is False
+    assert small.netshrink_info["facts"]["permutation"]["traced"] is False
     assert len(dict(compressed_layers(small))) == 2
+    # the fallback is in the report, also when read back from the file
+    for rep in saved_reports(small, model):
+        assert any("cannot be traced" in n and "without permutation" in n for n in rep.notes)
 
 
 def _group_with_reader(model, d_of):
@@ -202,15 +206,14 @@ def test_compress_save_load_round_trip_and_file_size(small_net, images, tmp_path
         assert torch.equal(layer.codes, layers[name].codes)
         assert torch.equal(layer.codebook, layers[name].codebook)
     # the permutation happened and SQNR is measured against the permuted weights
-    assert get_method("pqf").last_permutation.groups
+    assert small.netshrink_info["facts"]["permutation"]["groups"] > 0
     assert all(v["sqnr_db"] > 0 for v in small.netshrink_info["layers"].values())
 
 
 def test_planner_presets_clamp_and_depthwise(small_net):
-    method = get_method("pqf")
-    netshrink.compress(small_net, "pqf", "x3", min_weights=0, block="large", permute=False,
-                       anneal=2)
-    plan = method.last_plan
+    small = netshrink.compress(small_net, "pqf", "x3", min_weights=0, block="large",
+                               permute=False, anneal=2)
+    plan = _plan(small)
     assert plan["stem"].dense
     assert plan["conv"].d == 18 and plan["pw"].d == 8 and plan["fc"].d == 4
     for name, module in small_net.named_modules():
@@ -218,9 +221,41 @@ def test_planner_presets_clamp_and_depthwise(small_net):
             n_sub = module.weight.numel() // plan[name].d
             assert plan[name].k <= max(2, 2 ** math.floor(math.log2(n_sub / 4)))
     assert plan["dw"].dense or plan["dw"].scale  # never a bare per-tensor codebook
-    netshrink.compress(small_net, "pqf", "x3", min_weights=0, depthwise="scale",
-                       permute=False, anneal=2)
-    assert method.last_plan["dw"].scale and method.last_plan["dw"].d in (3, 9)
+    small = netshrink.compress(small_net, "pqf", "x3", min_weights=0, depthwise="scale",
+                               permute=False, anneal=2)
+    assert _plan(small)["dw"].scale and _plan(small)["dw"].d in (3, 9)
+
+
+def _plan(small: nn.Module) -> dict[str, Choice]:
+    return plan_of(small, ["stem", "conv", "dw", "pw", "fc"])
+
+
+def test_report_states_permutation_depthwise_choice_and_paper_size(small_net,
+                                                                   saved_reports):
+    """Each compress call's own outcome is in its report (no shared state), and survives
+    save / inspect / load."""
+    permuted = netshrink.compress(small_net, "pqf", "x4", min_weights=0, permute_iters=200,
+                                  anneal=2)
+    plain = netshrink.compress(small_net, "pqf", "x4", min_weights=0, permute=False,
+                               depthwise="scale", anneal=2)
+    facts = permuted.netshrink_info["facts"]
+    groups = facts["permutation"]["groups"]
+    assert groups > 0 and "permutation" not in plain.netshrink_info["facts"]
+    dw = _plan(permuted)["dw"]
+    for rep in saved_reports(permuted, small_net):
+        text = "\n".join(rep.notes)
+        assert f"pqf permutation: {groups} channel groups, log det -" in text
+        assert "; not permuted at " in text and "output: model output" in text
+        assert f"pqf depthwise (size planner): dw {dw}" in text
+        assert "pqf kept dense: stem (stem, as in the paper)" in text
+        paper = format_bytes(paper_size_bits(permuted) / 8)
+        assert f"pqf size as the paper counts it (other tensors fp32, BN folded to two " \
+               f"vectors): {paper}" in text
+        assert rep.facts["paper_size_bits"] == paper_size_bits(permuted)
+        assert rep.facts["paper_fp32_bits"] == paper_size_bits(small_net)
+    text = "\n".join(netshrink.report(plain).notes)
+    assert "pqf permutation: off" in text
+    assert "pqf depthwise (depthwise=scale): dw d=" in text
 
 
 def test_finetune_trains_codebooks_with_codes_frozen(small_net, toy_loader):

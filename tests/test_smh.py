@@ -253,3 +253,26 @@ def test_too_small_targets_and_bad_configs_raise_clearly():
     model.smh_bank = nn.Identity()
     with pytest.raises(ConfigError, match="bank_name"):
         netshrink.compress(model, method="smh", rank=2)
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_report_states_rank_variables_and_expansion_memory(cache, small_net, saved_reports):
+    """The report says M, n, the variables, and whether U @ V is expanded once or per call
+    with the memory that costs, also from the saved file."""
+    from netshrink.size import format_bytes
+
+    small = netshrink.compress(small_net, "smh", "x4", min_weights=0, cache=cache)
+    bank = bank_of(small)
+    n, rank = bank.n, bank.rank
+    rows = max((o + s - 1) // n + 1 - o // n for _, o, s in bank.layers)
+    for rep in saved_reports(small, small_net):
+        text = "\n".join(rep.notes)
+        assert f"smh: M = {rank}, n = {n}: {2 * n * rank} variables (float32)" in text
+        if cache:
+            assert "smh expansion: once (cache=True)" in text
+            assert f"{format_bytes(4 * n * n)} of memory" in text
+        else:
+            assert "smh expansion: per call (cache=False)" in text
+            assert f"{format_bytes(4 * rows * n)} of extra memory" in text
+        assert rep.facts["expansion"] == ("once" if cache else "per call")
+        assert rep.facts["expansion_bytes"] == 4 * (n * n if cache else rows * n)

@@ -2,7 +2,8 @@
 
 The input model is never modified: compression works on a deep copy. The returned module
 runs and trains like any nn.Module; it carries a `netshrink_info` dict (method, target,
-config, skipped layers with reasons, per-layer SQNR, fp32 baseline bits) that `report`
+config, skipped layers with reasons, per-layer SQNR, fp32 baseline bits, and the method's
+`Notes`: "notes" lines and "facts", present only when the method gave some) that `report`
 and `save` read.
 """
 
@@ -22,7 +23,7 @@ from .errors import ConfigError, FormatError, IncompleteCompressionError, NonFin
 from .fileformat import check_savable, header_bytes
 from .graph import Selection, select_layers, weight_count
 from .layers import compressed_layers
-from .methods import get_method
+from .methods import Notes, get_method
 from .size import Budget, dense_bits, format_bytes, fp32_bits, model_bits, parse_target
 from .train import Finetune, fit
 
@@ -96,16 +97,16 @@ def compress(
             header_reserve = _first_header_estimate(student, len(chosen))
         budget = Budget(tgt, fp32_bits(model), fixed_bits, sum(r.n_weights for r in chosen),
                         header_bits=8 * header_reserve)
-        algo.prepare(student, chosen, budget, cfg, data=data, seed=seed)
+        notes = Notes().add(algo.prepare(student, chosen, budget, cfg, data=data, seed=seed))
         originals = {ref.name: ref.module.weight.detach().clone() for ref in chosen}
         logger.info("%s: compressing %d layers (%d weights) to %s; %d layers kept dense",
                     algo.name, len(chosen), budget.n_weights, tgt, len(skipped))
-        algo.encode(student, chosen, budget, cfg, data=data, seed=seed)
+        notes.add(algo.encode(student, chosen, budget, cfg, data=data, seed=seed))
         file_bits = budget.file_bits()
         if file_bits is None:
             break
         setattr(student, INFO_ATTR, _info(algo, tgt, cfg, seed, budget, skipped, share,
-                                          _layer_stats(student, originals)))
+                                          _layer_stats(student, originals), notes))
         header = header_bytes(student) + _header_slack(len(chosen))
         fits = model_bits(student) + 8 * header <= file_bits
         wasteful = 8 * (header_reserve - header) > _RESERVE_WASTE * file_bits
@@ -127,7 +128,7 @@ def compress(
     _check_finite(student)
 
     setattr(student, INFO_ATTR, _info(algo, tgt, cfg, seed, budget, skipped, share,
-                                      _layer_stats(student, originals)))
+                                      _layer_stats(student, originals), notes))
     total = model_bits(student) + 8 * header_bytes(student)
     logger.info("compressed to %s (x%.2f of fp32 %s), header included",
                 format_bytes(total / 8), budget.baseline_bits / total,
@@ -162,10 +163,12 @@ def _layer_stats(student: nn.Module, originals: dict[str, torch.Tensor]
 
 
 def _info(algo: Any, tgt: Any, cfg: Any, seed: int, budget: Budget, skipped: dict[str, str],
-          share: tuple[int, int], stats: dict[str, Any]) -> dict[str, Any]:
-    return {
+          share: tuple[int, int], stats: dict[str, Any], notes: Notes) -> dict[str, Any]:
+    """The model's `netshrink_info`. The method's notes and facts are added only when it
+    gave some, so methods without notes save the same manifest as before they existed."""
+    info = {
         "method": algo.name,
-        "target": tgt.text,
+        "target": notes.target or tgt.text,
         "config": _jsonable(dataclasses.asdict(cfg)),
         "seed": seed,
         "baseline_bits": budget.baseline_bits,
@@ -174,6 +177,11 @@ def _info(algo: Any, tgt: Any, cfg: Any, seed: int, budget: Budget, skipped: dic
         "skipped": skipped,
         "layers": stats,
     }
+    if notes.lines:
+        info["notes"] = list(notes.lines)
+    if notes.facts:
+        info["facts"] = _jsonable(notes.facts)
+    return info
 
 
 def _skipped_size(model: nn.Module, name: str) -> int:

@@ -40,7 +40,9 @@ class Report:
     header_bytes: the file's header and manifest; `file_bytes` is their sum, the size on
     disk, and `ratio` is fp32 bytes / file bytes. weights_compressed / weights_total give
     the share of the model's weights (floating parameters of dim >= 2) that was
-    compressed. notes: remarks such as dtype casts made on load.
+    compressed. notes: what the method reported about its choices (the `Notes` of its
+    `prepare` / `encode`, e.g. PQF's permutation, ALDS's keep ratio) and remarks such as
+    dtype casts made on load; facts: the method's facts as a JSON-able dict.
     """
 
     method: str | None
@@ -53,6 +55,7 @@ class Report:
     weights_compressed: int | None = None
     weights_total: int | None = None
     notes: list[str] = field(default_factory=list)
+    facts: dict[str, Any] = field(default_factory=dict)
 
     @property
     def file_bytes(self) -> float:
@@ -133,7 +136,7 @@ def report(model: nn.Module) -> Report:
     return Report(info.get("method"), info.get("target"), baseline / 8, model_bits(model) / 8,
                   rows, dict(info.get("skipped", {})), header_bytes(model),
                   info.get("weights_compressed"), info.get("weights_total"),
-                  list(info.get("notes", [])))
+                  list(info.get("notes", [])), dict(info.get("facts", {})))
 
 
 def report_from_manifest(manifest: dict[str, Any], header: int = 0) -> Report:
@@ -156,7 +159,8 @@ def report_from_manifest(manifest: dict[str, Any], header: int = 0) -> Report:
     baseline = info.get("baseline_bits") or total
     return Report(info.get("method"), info.get("target"), baseline / 8, total / 8, rows,
                   dict(info.get("skipped", {})), header, info.get("weights_compressed"),
-                  info.get("weights_total"), list(info.get("notes", [])))
+                  info.get("weights_total"), list(info.get("notes", [])),
+                  dict(info.get("facts", {})))
 
 
 def format_table(headers: list[str], rows: list[list[Any]]) -> str:

@@ -3,11 +3,18 @@
 A method says which layers it can compress (`supports`), turns the chosen layers into
 compressed layers under a budget (`encode`), may hook into the shared fine-tuning loop
 (`hooks`), and makes the final, deployable form (`finalize`). Tests loop over `methods()`.
+
+What a method wants the report to say about one compress call (its choices, fallbacks,
+costs) it returns from `prepare` / `encode` as `Notes`; `compress` stores them in the
+model's `netshrink_info`, so they are saved in the file and shown by `netshrink.report`
+and `netshrink inspect`. Methods keep no per-call state of their own: the registry holds
+one shared instance per method.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from torch import nn
@@ -18,6 +25,31 @@ from ..layers import stored_modules
 from ..size import Budget
 
 _REGISTRY: dict[str, Method] = {}
+
+
+@dataclass
+class Notes:
+    """What one compress call reports beyond the per-layer rows.
+
+    lines: human-readable sentences (`Report.notes`, one "note:" line each); facts: the
+    same facts as a small JSON-able dict for programs (`netshrink_info["facts"]`);
+    target: the budget actually used when the method's own option replaced compress's
+    target (ALDS `keep_ratio`), shown as the report's target. All are saved in the file's
+    manifest, whose size counts against the target: keep them short, and keep out
+    anything that differs between identical runs (timings).
+    """
+
+    lines: list[str] = field(default_factory=list)
+    facts: dict[str, Any] = field(default_factory=dict)
+    target: str | None = None
+
+    def add(self, other: Notes | None) -> Notes:
+        """Append another `Notes` (None: nothing) in place; returns self."""
+        if other is not None:
+            self.lines.extend(other.lines)
+            self.facts.update(other.facts)
+            self.target = other.target or self.target
+        return self
 
 
 class Method:
@@ -45,14 +77,15 @@ class Method:
         raise NotImplementedError
 
     def prepare(self, model: nn.Module, layers: list[LayerRef], budget: Budget, config: Any,
-                *, data: Any = None, seed: int = 0) -> None:
+                *, data: Any = None, seed: int = 0) -> Notes | None:
         """Change the model without changing its function before it is encoded (e.g. PQF's
         channel permutation); the per-layer statistics (SQNR) compare against the weights
-        after this step. Nothing by default."""
+        after this step. May return `Notes` for the report. Nothing by default."""
 
     def encode(self, model: nn.Module, layers: list[LayerRef], budget: Budget, config: Any,
-               *, data: Any = None, seed: int = 0) -> None:
-        """Replace the chosen layers of `model` (in place) with compressed layers."""
+               *, data: Any = None, seed: int = 0) -> Notes | None:
+        """Replace the chosen layers of `model` (in place) with compressed layers; may return
+        `Notes` for the report (None: nothing to add)."""
         raise NotImplementedError
 
     def hooks(self, model: nn.Module, config: Any) -> list[Any]:

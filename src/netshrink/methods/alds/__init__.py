@@ -14,6 +14,10 @@ parameters (BN affine and biases counted, never compressed), or any netshrink ta
 ('1.5MB', 'x4', '16bit') through `size.Budget`. Fine-tuning uses the shared loop
 (`compress(..., finetune=netshrink.Finetune(...))`; the paper retrains with plain
 cross-entropy, `distill_weight=0`).
+
+Report: the share of all parameters kept (with `keep_ratio`, requested and achieved; the
+report's target then reads "keep_ratio r", not compress's default) and the FLOPs kept,
+measured on one input from `data` when compress was given data.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ from ...errors import ConfigError, InfeasibleTargetError
 from ...graph import LayerRef
 from ...layers import compressible, set_module
 from ...size import DTYPE_BITS, Budget, dtype_name
-from .. import Method, register_method
+from ...train import _split_batch
+from .. import Method, Notes, register_method
 from .layer import LowRankLayer, factorize
 from .profile import ERROR_MODES, LayerProfile, profile_layer
 from .solver import SOLVERS, InfeasibleBudget, Solution, layer_error, solve
@@ -152,7 +157,10 @@ class AldsMethod(Method):
         return profiles, sol
 
     def encode(self, model: nn.Module, layers: list[LayerRef], budget: Budget,
-               config: AldsConfig, *, data: Any = None, seed: int = 0) -> None:
+               config: AldsConfig, *, data: Any = None, seed: int = 0) -> Notes:
+        """Factorise the layers as the solver plans; returns the parameters (and, given
+        data, FLOPs) kept for the report."""
+        total = parameter_count(model)
         profiles, sol = self.plan(model, layers, budget, config, seed)
         logger.info("alds (%s, %s error): largest layer error %.4g, size %.0f",
                     config.solver, config.error, sol.max_error, sol.size)
@@ -167,6 +175,61 @@ class AldsMethod(Method):
                                  choice.k, self._factor_dtype(ref, config))
             layer.error_bounds = {m: layer_error(prof, choice, m) for m in ERROR_MODES}
             set_module(model, ref.name, layer)
+        return kept_notes(model, total, config.keep_ratio, data)
+
+
+def kept_notes(model: nn.Module, total: int, keep_ratio: float | None, data: Any) -> Notes:
+    """The share of all `total` parameters the factorised `model` keeps (with the requested
+    `keep_ratio`, which then names the report's target) and the FLOPs it keeps on the first
+    input of `data` (not measured without data)."""
+    kept = parameter_count(model)
+    facts: dict[str, Any] = {"params_total": total, "params_kept": kept,
+                             "params_kept_share": round(kept / total, 6)}
+    if keep_ratio is not None:
+        facts["keep_ratio"] = keep_ratio
+        line = (f"alds keep_ratio {keep_ratio}: kept {kept} of {total} parameters "
+                f"({kept / total:.4f})")
+    else:
+        line = f"alds kept {kept} of {total} parameters ({kept / total:.4f})"
+    example = _first_input(data)
+    if example is None:
+        line += "; FLOPs kept not measured (compress was given no data)"
+    else:
+        try:
+            macs, dense = _macs(model, example)
+        except Exception as e:  # the report must not stop compression
+            line += f"; FLOPs kept not measured ({type(e).__name__}: {e})"
+        else:
+            facts.update(macs_kept=macs, macs_dense=dense)
+            line += (f"; FLOPs kept {macs / max(dense, 1):.4f} ({macs} of {dense} "
+                     f"multiply-adds per input of shape {list(example.shape[1:])})")
+    target = f"keep_ratio {keep_ratio}" if keep_ratio is not None else None
+    return Notes([line], facts, target)
+
+
+def _first_input(data: Any) -> torch.Tensor | None:
+    """One input (batch of 1) from a DataLoader or iterable of batches; the global RNG is
+    restored (a shuffling loader draws its seed from it), so fine-tuning is unchanged."""
+    if data is None:
+        return None
+    with torch.random.fork_rng(devices=[]):
+        inputs, _ = _split_batch(next(iter(data)))
+    return inputs[:1]
+
+
+def _macs(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
+    """(MACs, MACs before factorisation) of one eval-mode forward pass (BN statistics and
+    the training mode stay as they were)."""
+    from .flops import count_macs
+
+    was_training = model.training
+    device = next(model.parameters()).device
+    model.eval()
+    try:
+        x = example.to(device)
+        return count_macs(model, x), count_macs(model, x, dense=True)
+    finally:
+        model.train(was_training)
 
 
 def flops(model: nn.Module, example: torch.Tensor) -> int:

@@ -18,14 +18,15 @@ from ...layers import CompressedLayer
 from .layer import LowRankLayer
 
 
-def count_macs(model: nn.Module, example: torch.Tensor) -> int:
+def count_macs(model: nn.Module, example: torch.Tensor, dense: bool = False) -> int:
     """MACs of one forward pass of `model` on `example` (Conv2d, Linear, LowRankLayer;
-    other compressed layers count as their dense host)."""
+    other compressed layers count as their dense host; with `dense`, factorised layers
+    too: the MACs of the model before factorisation)."""
     total = [0]
     hosts = {id(m.host) for m in model.modules() if isinstance(m, CompressedLayer)}
 
     def hook(module: nn.Module, args: Any, out: torch.Tensor) -> None:
-        if isinstance(module, LowRankLayer):
+        if isinstance(module, LowRankLayer) and not dense:
             f, c = module.weight_shape[0], module.weight_shape[1]
             kernel = math.prod(module.weight_shape[2:])
             positions = out.numel() // f

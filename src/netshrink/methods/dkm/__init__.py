@@ -22,7 +22,8 @@ of ImageNet ResNet convs, not measured here) the paper's 5e-5 / 2e-5 / 8e-6 are
 tau_rel ~ 0.35 / 0.42 / 0.57. Measured on ResNet-20 / Fashion-MNIST (BENCHMARKS.md),
 tau_rel = 0.5 left a large gap between the soft and the snapped model (2 bits: 0.912 vs
 0.899; 1 bit, d = 2: 0.895 vs 0.656) and 0.1 a small one with better snapped accuracy
-(0.907 / 0.909; 0.875 / 0.854), hence the default 0.1. Each layer's tau is in its repr.
+(0.907 / 0.909; 0.875 / 0.854), hence the default 0.1. Each layer's tau is in its repr;
+the report's notes (saved in the file) give the rule and the range of the layers' taus.
 
 Bits. `bits` = b bits per vector (the paper's "b/d"); a whole-number bits target "Nbit" is
 N bits per *weight*, so b = N x d; other targets pick b per layer with `size.allocate`
@@ -47,7 +48,7 @@ from ...graph import LayerRef, weight_layers
 from ...kmeans import kmeans
 from ...layers import PalettizedLayer, compressible, set_module, stored_modules
 from ...size import Budget, Option
-from .. import Method, register_method
+from .. import Method, Notes, register_method
 from ..kmeans import palette_layer_bits
 from .layer import DKMLayer, latent_rows, sixteen_bit
 from .soft import DEFAULT_CHUNK_ELEMENTS, dkm, naive_dkm
@@ -214,21 +215,39 @@ class DKMMethod(Method):
         return [opts[i].label for opts, i in zip(options, picks)]
 
     def encode(self, model: nn.Module, layers: list[LayerRef], budget: Budget,
-               config: DKMConfig, *, data: Any = None, seed: int = 0) -> None:
+               config: DKMConfig, *, data: Any = None, seed: int = 0) -> Notes:
+        """Make each layer a DKM layer (initial k-means); returns the temperatures and the
+        iteration rule for the report (the per-layer rows keep b and d)."""
         dims = self._layer_dims(layers, config)
         bits = self._bits_per_layer(layers, dims, budget, config)
         progress = tqdm(list(zip(layers, dims, bits)), desc="dkm init", unit="layer",
                         disable=None, leave=False)
+        taus: list[float] = []
         for i, (ref, d, b) in enumerate(progress):
             layer = make_layer(ref, b, d, config, seed + i)
             logger.debug("%s: %d bits, d=%d, tau=%.3g", ref.name, b, d, layer.tau)
             set_module(model, ref.name, layer)
+            taus.append(layer.tau)
+        return tau_notes(taus, config)
 
     def finalize(self, model: nn.Module, config: Any) -> None:
         """Snap every DKM layer to its nearest centroids: plain `PalettizedLayer`s
         (unless `finalize=False` asks to keep the train-time form)."""
         if getattr(config, "finalize", True):
             finalize_model(model)
+
+
+def tau_notes(taus: list[float], cfg: DKMConfig) -> Notes:
+    """How the layers' temperatures were set and their range, and the soft k-means rule
+    of each training step (the taus are gone from the snapped layers, so the report keeps
+    them). Per-layer overrides of tau / tau_rel are included in the range."""
+    rule = (f"tau = {cfg.tau}" + (f" ({_tau_value(cfg.tau):g})" if isinstance(cfg.tau, str)
+                                  else "") if cfg.tau is not None else
+            f"tau = {cfg.tau_rel} x each layer's initial k-means distortion")
+    line = (f"dkm: {rule}; layer taus {min(taus):.3g} .. {max(taus):.3g}; soft k-means up "
+            f"to {cfg.iters} iterations per training step (stop '{cfg.stop}', "
+            f"epsilon {cfg.epsilon:g})")
+    return Notes([line], {"tau_min": min(taus), "tau_max": max(taus)})
 
 
 def finalize_model(model: nn.Module) -> nn.Module:

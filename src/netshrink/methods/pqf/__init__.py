@@ -22,10 +22,18 @@ Depthwise convs (rows of a single kh x kw kernel) are decided by the planner amo
 dense, or quantized with a per-output-channel scale at d = kh*kw or d = kw (a
 per-tensor codebook without scale collapses them; DESIGN.md). `depthwise="scale"` or
 `"dense"` forces one. The stem (the first weight layer) stays dense by default.
+
+Report (`netshrink.report(model).notes`, saved in the file): the permutation's outcome
+(groups permuted and log det drop; the ops where channels could not be followed, whose
+channels keep their order, or that the model could not be traced at all), each depthwise
+conv's choice and who made it, the layers kept dense and why, and the size in the paper's
+convention; `netshrink_info["facts"]` has "permutation" (counts) and "paper_size_bits" /
+"paper_fp32_bits". Each layer's (d, k, scale) is in its report row (`plan_of` reads it back).
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import math
@@ -40,10 +48,17 @@ from tqdm import tqdm
 from ...errors import ConfigError
 from ...graph import LayerRef, weight_layers
 from ...kmeans import kmeans
-from ...layers import PalettizedLayer, channel_scales, compressible, set_module, weight_rows
-from ...size import Budget, Encoding, Option, ceil_log2, palette_bits
+from ...layers import (
+    PalettizedLayer,
+    channel_scales,
+    compressed_layers,
+    compressible,
+    set_module,
+    weight_rows,
+)
+from ...size import Budget, Encoding, Option, ceil_log2, format_bytes, palette_bits
 from ...train import Finetune
-from .. import Method, register_method
+from .. import Method, Notes, register_method
 from .groups import analyse
 from .permute import PermutationReport, apply_permutation, permute_model
 
@@ -315,14 +330,10 @@ class PQFMethod(Method):
     summary = "Permute, Quantize, and Fine-tune: product quantization after a channel permutation"
 
     def __init__(self) -> None:
+        # a memo of the last permutation search, keyed by the weights, d's, iters and seed
+        # (compress plans up to three times; the search is the slow part)
         self._cache = _PermCache()
         self._planned: tuple[int, list[str], dict[str, Choice]] | None = None
-        self.last_plan: dict[str, Choice] = {}
-
-    @property
-    def last_permutation(self) -> PermutationReport | None:
-        """The report of the last permutation search (for benchmarks and the report)."""
-        return self._cache.report
 
     def supports(self, module: nn.Module) -> str | None:
         reason = compressible(module)
@@ -331,56 +342,131 @@ class PQFMethod(Method):
         return reason
 
     def prepare(self, model: nn.Module, layers: list[LayerRef], budget: Budget,
-                config: PQFConfig, *, data: Any = None, seed: int = 0) -> None:
+                config: PQFConfig, *, data: Any = None, seed: int = 0) -> Notes:
         """Plan sizes, then permute the model's channel groups (in place, same function) for
         the planned subvector lengths. The plan is made on the weights as given and kept for
-        `encode`, so that permuting or not compares the same (d, k) per layer."""
+        `encode`, so that permuting or not compares the same (d, k) per layer. Returns the
+        permutation's outcome for the report."""
         choices = plan(model, layers, budget, config)
         self._planned = (id(model), [r.name for r in layers], choices)
         if not config.permute:
-            return
+            return Notes(["pqf permutation: off (permute=False)"])
         dims = {name: c.d for name, c in choices.items() if not c.dense}
         key = _cache_key(model, dims, config, seed)
-        if key == self._cache.key:
+        if key == self._cache.key and self._cache.report is not None:
             analysis = analyse(model)
             for index, perm in self._cache.perms:
                 apply_permutation(analysis.groups[index], perm)
-            return
+            return permutation_notes(self._cache.report)
         report = permute_model(model, dims, iters=config.permute_iters, seed=seed)
         if not report.traced:
             logger.warning("pqf: %s; quantizing without it", report.summary())
         self._cache = _PermCache(key, [(g.index, g.perm) for g in report.groups], report)
+        return permutation_notes(report)
 
     def encode(self, model: nn.Module, layers: list[LayerRef], budget: Budget,
-               config: PQFConfig, *, data: Any = None, seed: int = 0) -> None:
+               config: PQFConfig, *, data: Any = None, seed: int = 0) -> Notes:
+        """Product-quantize every planned layer; returns the plan (depthwise choices,
+        layers kept dense and why) and the paper-convention size for the report."""
         planned = getattr(self, "_planned", None)
         if planned is not None and planned[:2] == (id(model), [r.name for r in layers]):
             choices = planned[2]
         else:
             choices = plan(model, layers, budget, config)
         self._planned = None
-        self.last_plan = choices
+        fp32_paper = paper_size_bits(model)
+        stem = stem_name(model) if config.keep_stem else None
         progress = tqdm(layers, desc="pqf", unit="layer", disable=None, leave=False)
         for i, ref in enumerate(progress):
             choice = choices[ref.name]
             if choice.dense:
-                logger.info("pqf: %s kept dense (%s)", ref.name,
-                            "the stem, as in the paper" if ref.name == stem_name(model)
-                            and config.keep_stem else "chosen by the size planner")
+                logger.info("pqf: %s kept dense (%s)", ref.name, _dense_reason(ref, stem))
                 continue
             layer = product_quantize(ref.module, choice, out_axis=ref.out_axis,
                                      anneal=config.anneal, iters=config.iters, seed=seed + i,
                                      codebook_dtype=ref.option(config, "codebook_dtype"))
             set_module(model, ref.name, layer)
+        return plan_notes(layers, choices, config, stem, paper_size_bits(model), fp32_paper)
 
     def finalize(self, model: nn.Module, config: Any) -> None:
         super().finalize(model, config)
         _finalize_note(model)
 
 
-def _finalize_note(model: nn.Module) -> None:
-    from ...size import format_bytes
+def plan_of(model: nn.Module, layers: list[str]) -> dict[str, Choice]:
+    """The `Choice` each of `layers` got, read from the compressed model (for tests and
+    benchmarks): a PalettizedLayer's codebook is (k, d); any other layer is dense."""
+    compressed = dict(compressed_layers(model))
+    out = {}
+    for name in layers:
+        layer = compressed.get(name)
+        if isinstance(layer, PalettizedLayer):
+            k, d = layer.codebook.shape
+            out[name] = Choice(int(d), int(k), layer.scale is not None)
+        else:
+            out[name] = Choice()
+    return out
 
+
+def search_again(model: nn.Module, small: nn.Module) -> PermutationReport:
+    """The permutation search that compressing `model` into `small` made, run again on a
+    copy of `model` with the same d's, iterations and seed (so the same result), for
+    benchmarks that time it: compress keeps no timings (its report is saved and stays
+    the same between identical runs)."""
+    info = small.netshrink_info
+    names = [name for name, _ in weight_layers(model)]
+    dims = {n: c.d for n, c in plan_of(small, names).items() if not c.dense}
+    return permute_model(copy.deepcopy(model), dims, iters=info["config"]["permute_iters"],
+                         seed=info["seed"])
+
+
+def _dense_reason(ref: LayerRef, stem: str | None) -> str:
+    return "stem, as in the paper" if ref.name == stem else "size planner"
+
+
+def permutation_notes(report: PermutationReport) -> Notes:
+    """The permutation's outcome for the report: groups permuted and the objective's drop,
+    and the ops where channels could not be followed (their channels keep their order, i.e.
+    fall back to no permutation; the model's input and output always do), or that the
+    model could not be traced at all."""
+    facts: dict[str, Any] = {"traced": report.traced, "groups": len(report.groups),
+                             "logdet_drop": round(report.improvement, 4),
+                             "not_permuted": len(report.blocked)}
+    if not report.traced:
+        return Notes([f"pqf permutation: none, the model cannot be traced ({report.reason}); "
+                      "quantized without permutation"], {"permutation": facts})
+    line = (f"pqf permutation: {len(report.groups)} channel groups, log det "
+            f"-{report.improvement:.2f} nats")
+    if report.blocked:
+        line += "; not permuted at " + "; ".join(report.blocked)
+    return Notes([line], {"permutation": facts})
+
+
+def plan_notes(layers: list[LayerRef], choices: dict[str, Choice], cfg: PQFConfig,
+               stem: str | None, paper_bits: int, fp32_paper_bits: int) -> Notes:
+    """The plan for the report: each depthwise conv's choice (and whether the size
+    planner or `depthwise=` made it), the layers kept dense and why, and the size in the
+    paper's convention."""
+    lines = []
+    depthwise = [ref for ref in layers if is_depthwise(ref.module)]
+    dw_names = {ref.name for ref in depthwise}
+    if depthwise:
+        modes = {ref.option(cfg, "depthwise") for ref in depthwise}
+        who = ("size planner" if modes == {"auto"} else
+               "depthwise=" + "/".join(sorted(modes)))
+        lines.append(f"pqf depthwise ({who}): "
+                     + ", ".join(f"{ref.name} {choices[ref.name]}" for ref in depthwise))
+    dense = [ref for ref in layers if choices[ref.name].dense and ref.name not in dw_names]
+    if dense:
+        lines.append("pqf kept dense: " + ", ".join(
+            f"{ref.name} ({_dense_reason(ref, stem)})" for ref in dense))
+    lines.append(f"pqf size as the paper counts it (other tensors fp32, BN folded to two "
+                 f"vectors): {format_bytes(paper_bits / 8)}, "
+                 f"x{fp32_paper_bits / max(paper_bits, 1):.2f} of fp32")
+    return Notes(lines, {"paper_size_bits": paper_bits, "paper_fp32_bits": fp32_paper_bits})
+
+
+def _finalize_note(model: nn.Module) -> None:
     logger.info("pqf: size in the paper's convention (codes, fp16 codebooks, other tensors "
                 "fp32, BatchNorm as two vectors): %s", format_bytes(paper_size_bits(model) / 8))
 

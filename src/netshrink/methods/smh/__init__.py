@@ -26,7 +26,8 @@ the original through `compress(..., finetune=Finetune(...))` (METHODS.md SMH "Tr
 Expansion: by default every layer regenerates its slice in every call (`U[rows] @ V`,
 peak extra memory one layer's rows x n); `cache=True` keeps the whole U @ V (n^2 floats,
 about the dense weights' size) while no gradient is needed, so inference pays the
-product once (`HashBank.set_cache` toggles it after loading).
+product once (`HashBank.set_cache` toggles it after loading). The report's notes state
+M, n, the variables, and which expansion the model was saved with and the memory it costs.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ from torch import nn
 from ...errors import ConfigError, InfeasibleTargetError
 from ...graph import LayerRef
 from ...layers import compressible, set_module
-from ...size import DTYPE_BITS, Budget, Encoding
-from .. import Method, register_method
+from ...size import DTYPE_BITS, Budget, Encoding, format_bytes
+from .. import Method, Notes, register_method
 from .layers import HashBank, HashedLayer, he_fan_out_std, side
 
 __all__ = ["HashBank", "HashedLayer", "SMHConfig", "SMHMethod", "plan_rank", "tiling"]
@@ -161,7 +162,9 @@ class SMHMethod(Method):
         return compressible(module)
 
     def encode(self, model: nn.Module, layers: list[LayerRef], budget: Budget,
-               config: SMHConfig, *, data: Any = None, seed: int = 0) -> None:
+               config: SMHConfig, *, data: Any = None, seed: int = 0) -> Notes:
+        """Tile the layers into one bank and replace them by hashed layers; returns the
+        bank's shape and expansion cost for the report."""
         if hasattr(model, config.bank_name):
             raise ConfigError(f"the model already has an attribute {config.bank_name!r}: "
                               "choose another bank_name")
@@ -184,6 +187,34 @@ class SMHMethod(Method):
         logger.info("smh: %d values (%d layers) tiled into %d x %d; M = %d, %d variables "
                     "(%.1fx fewer than the covered values)", bank.n_values, len(layers), n,
                     n, rank, bank.variables(), bank.n_values / bank.variables())
+        return bank_notes(bank)
+
+
+def bank_notes(bank: HashBank) -> Notes:
+    """M, n and the variables, and the expansion the bank is saved with: per call (each
+    layer computes its rows of U @ V in every forward; extra memory up to the largest
+    layer's rows x n) or once (the whole U @ V, n x n, kept for inference)."""
+    value_bytes = bank.U.element_size()
+    rows = max((offset + size - 1) // bank.n + 1 - offset // bank.n
+               for _, offset, size in bank.layers)
+    per_call, once = rows * bank.n * value_bytes, bank.n * bank.n * value_bytes
+    lines = [f"smh: M = {bank.rank}, n = {bank.n}: {bank.variables()} variables "
+             f"({bank.dtype}) for {bank.n_values} values in {len(bank.layers)} layers "
+             f"(x{bank.n_values / bank.variables():.1f} fewer)"]
+    if bank.cache:
+        lines.append(f"smh expansion: once (cache=True): the first inference call after "
+                     f"loading expands U @ V ({bank.n} x {bank.n}) and keeps it, "
+                     f"{format_bytes(once)} of memory; per call would need "
+                     f"{format_bytes(per_call)} at most")
+    else:
+        lines.append(f"smh expansion: per call (cache=False): each layer expands its rows "
+                     f"of U @ V in every forward, {format_bytes(per_call)} of extra memory in "
+                     f"inference at most ({rows} x {bank.n}); once would keep "
+                     f"{format_bytes(once)}")
+    facts = {"n": bank.n, "M": bank.rank, "variables": bank.variables(),
+             "values": bank.n_values, "expansion": "once" if bank.cache else "per call",
+             "expansion_bytes": once if bank.cache else per_call}
+    return Notes(lines, facts)
 
 
 def bank_of(model: nn.Module) -> HashBank:
