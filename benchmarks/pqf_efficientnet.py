@@ -5,7 +5,11 @@ original on scikit-image's photos (centre crops of 100% and 70%, and their mirro
 92 views), per-layer SQNR with and without permutation, compress and permutation-search
 time. `--distill N` adds N steps of distillation on unlabelled random photo views.
 `--speed` times codebook learning for every layer (k=256, d=8 where it divides the rows,
-else 4, 20 iterations; plain Lloyd and SR-C): faiss is compared only if it is installed.
+else 4, else 1, 20 iterations; plain Lloyd and SR-C) against faiss-cpu if it is installed
+(else the faiss rows are skipped); `--speed-only` runs just that timing:
+
+    PYTHONPATH=src .venv/bin/python benchmarks/pqf_efficientnet.py --speed-only --repeats 5 \
+        --threads 1
 
     PYTHONPATH=src .venv/bin/python benchmarks/pqf_efficientnet.py --target x8
 
