@@ -53,13 +53,23 @@ def assign(x: torch.Tensor, centroids: torch.Tensor, chunk: int = DEFAULT_CHUNK
     labels = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
     dists = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
     c_sq = (centroids * centroids).sum(1)
-    for s in range(0, x.shape[0], chunk):
-        xc = x[s:s + chunk]
-        # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2, clamped against round-off
-        d = (xc * xc).sum(1, keepdim=True) - 2 * xc @ centroids.T + c_sq
-        best, idx = d.min(1)
-        labels[s:s + chunk] = idx
-        dists[s:s + chunk] = best.clamp_min(0)
+    c_t = centroids.T.contiguous()
+    # On one thread, blocks of about 2^18 distances (1 MiB in float32) stay in cache and
+    # are several times faster than `chunk`-row blocks, whose (chunk, k) matrix goes to
+    # memory. With more threads every small op is a fork/join barrier, which costs far
+    # more than the cache saves on a loaded machine (measured 6x slower at 2 threads on
+    # 2 busy cores), so there the blocks stay at `chunk` rows.
+    block = chunk
+    if x.device.type == "cpu" and torch.get_num_threads() == 1:
+        block = min(chunk, max(256, (1 << 18) // centroids.shape[0]))
+    for s in range(0, x.shape[0], block):
+        xc = x[s:s + block]
+        # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2: the nearest centroid minimises the last
+        # two terms (one fused addmm); ||x||^2 is added to the minimum, clamped against
+        # round-off.
+        best, idx = torch.addmm(c_sq, xc, c_t, alpha=-2).min(1)
+        labels[s:s + block] = idx
+        dists[s:s + block] = (best + (xc * xc).sum(1)).clamp_min(0)
     return labels, dists
 
 
