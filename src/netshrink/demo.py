@@ -71,7 +71,8 @@ def measure(model: nn.Module, method: str, targets: list[str], epochs: int,
     """For each target: compress `model` with `method` post-training (if `post_training`)
     and with `epochs` of fine-tuning (`finetune`, else `Finetune(epochs, seed=seed)`:
     Adam, distillation from `model`), save to `out_dir`/<method>-<target>-ft<epochs>.nsk,
-    reload the file and measure it on `test`. One dict per result: method, target,
+    reload the file (into a copy of `model`, so any architecture works) and measure it on
+    `test`. One dict per result: method, target,
     finetune_epochs, path, file_bytes (on disk), ratio (fp32 bytes / file bytes), accuracy
     (of the reloaded model) and seconds (compress + fine-tune wall time)."""
     base_bytes = fp32_bits(model) / 8
@@ -92,7 +93,7 @@ def measure(model: nn.Module, method: str, targets: list[str], epochs: int,
             size = fileformat.save(small, path)
             rows.append({"method": method, "target": target, "finetune_epochs": ft_epochs,
                          "path": str(path), "file_bytes": size, "ratio": base_bytes / size,
-                         "accuracy": evaluate(fileformat.load(path), test),
+                         "accuracy": evaluate(fileformat.load(path, model), test),
                          "seconds": seconds})
             logger.info("%s", rows[-1])
     return rows
