@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from netshrink import zoo
 from netshrink.data import get_dataset, get_loaders
-from netshrink.demo import measure_kmeans
+from netshrink.demo import measure
 from netshrink.report import format_table
 from netshrink.size import fp32_bits
 from netshrink.train import evaluate
@@ -44,7 +44,7 @@ def main() -> None:
              "ratio": 1.0, "accuracy": evaluate(model, test), "seconds": 0.0}]
     targets = [f"{int(b)}bit" for b in args.bits.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        results = measure_kmeans(model, targets, args.epochs, train, test, Path(tmp))
+        results = measure(model, "kmeans", targets, args.epochs, train, test, Path(tmp))
         for r in results:  # the size reported is the size on disk
             path = Path(tmp) / f"kmeans-{r['target']}-ft{r['finetune_epochs']}.nsk"
             assert path.stat().st_size == r["file_bytes"]

@@ -24,6 +24,7 @@ EPILOG = """examples:
   netshrink eval r20.nsk --data fashion-mnist
   netshrink inspect r20.nsk
   netshrink demo
+  netshrink demo --methods kmeans,pqf --target x16 --epochs 2
 """
 
 
@@ -41,8 +42,8 @@ def _parse_option(text: str) -> tuple[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="netshrink", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Compress trained PyTorch networks (kmeans now; PQF, DKM, ALDS, SMH to "
-                    "come) and write a .nsk file whose size is the size reported.")
+        description="Compress trained PyTorch networks (kmeans, PQF, DKM, ALDS, SMH) and "
+                    "write a .nsk file whose size is the size reported.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -109,15 +110,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("methods", help="list compression methods and zoo models")
 
-    d = sub.add_parser("demo", help="the end-to-end demo on Fashion-MNIST",
-                       description="Train (once, cached) a ResNet-20 on Fashion-MNIST, compress "
-                                   "it with kmeans at two targets and print a table.")
-    d.add_argument("--targets", default="4bit,2bit")
-    d.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs per target")
-    d.add_argument("--subset-train", type=int, default=20000,
-                   help="training images used for fine-tuning (default 20000, a short run)")
-    d.add_argument("--subset-test", type=int)
-    d.add_argument("--out-dir", default="runs/demo")
+    d = sub.add_parser("demo", help="compare the methods on ResNet-20 / Fashion-MNIST",
+                       description="Load (or train once, cached) a ResNet-20 on Fashion-MNIST, "
+                                   "compress it with every method to one common file-size "
+                                   "target, post-training and with the same short "
+                                   "distillation, save, reload and evaluate each .nsk file, "
+                                   "and print one table.")
+    d.add_argument("--methods", help="comma-separated methods (default: all registered, "
+                                     "kmeans first)")
+    d.add_argument("--target", default=None,
+                   help="the common target: a ratio 'x10' (default), a size '100KB' or "
+                        "bits '3bit'")
+    d.add_argument("--epochs", type=int, default=1,
+                   help="fine-tuning epochs per method (0: post-training only)")
+    d.add_argument("--subset-train", type=int, default=10000,
+                   help="training images used for fine-tuning (default 10000, a short run)")
+    d.add_argument("--subset-test", type=int, help="test images (default: all 10,000)")
+    d.add_argument("--no-post-training", action="store_true",
+                   help="skip the post-training measurement (one compression per method)")
+    d.add_argument("--out-dir", default="runs/demo", help="where the .nsk files go")
     return p
 
 
@@ -221,11 +232,15 @@ def cmd_train_baseline(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from .demo import run_demo
+    from .demo import DEFAULT_TARGET, run_demo
+    from .methods import get_method
 
-    run_demo([t.strip() for t in args.targets.split(",") if t.strip()], epochs=args.epochs,
+    names = [m.strip() for m in (args.methods or "").split(",") if m.strip()] or None
+    for name in names or []:
+        get_method(name)  # an unknown name fails here, before anything runs
+    run_demo(names, args.target or DEFAULT_TARGET, epochs=args.epochs,
              subset_train=args.subset_train, subset_test=args.subset_test,
-             out_dir=Path(args.out_dir))
+             out_dir=Path(args.out_dir), post_training=not args.no_post_training)
 
 
 COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "inspect": cmd_inspect,
