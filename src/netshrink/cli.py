@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--methods", help="comma-separated methods (default: all registered, "
                                      "kmeans first)")
     d.add_argument("--target", default=None,
-                   help="the common target: a ratio 'x10' (default), a size '100KB' or "
+                   help="the common target: a ratio 'x8' (default), a size '100KB' or "
                         "bits '3bit'")
     d.add_argument("--epochs", type=int, default=1,
                    help="fine-tuning epochs per method (0: post-training only)")
