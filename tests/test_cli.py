@@ -19,6 +19,10 @@ def test_methods_command(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     assert "kmeans" in out and "resnet20" in out
+    for name in ("pqf", "dkm", "alds", "smh"):
+        assert f"\n{name} " in out
+    # each method's options with their defaults
+    assert "keep_ratio=None" in out and "cluster_dim=1" in out and "permute_iters=10000" in out
 
 
 def test_errors_are_one_line_exit_2(capsys, tmp_path):

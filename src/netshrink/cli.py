@@ -7,9 +7,11 @@ printed as one line (exit code 2), anything else is a bug and shows its tracebac
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -211,7 +213,13 @@ def cmd_methods(_: argparse.Namespace) -> None:
     from .methods import get_method, methods
 
     for name in methods():
-        print(f"{name:10s} {get_method(name).summary}")
+        method = get_method(name)
+        print(f"{name:10s} {method.summary}")
+        defaults = method.make_config()
+        options = ", ".join(f"{f.name}={getattr(defaults, f.name)!r}"
+                            for f in dataclasses.fields(defaults))
+        print(textwrap.fill(f"options: {options}", width=100, initial_indent=" " * 11,
+                            subsequent_indent=" " * 13))
     print("zoo models: " + ", ".join(zoo.names()))
 
 
