@@ -296,3 +296,19 @@ def test_d_that_does_not_divide_rows_and_infeasible_target(small_net):
         netshrink.compress(small_net, "pqf", "x4", min_weights=0, d=7, permute=False)
     with pytest.raises(InfeasibleTargetError):
         netshrink.compress(small_net, "pqf", "x500", min_weights=0, permute=False)
+
+
+def test_loose_target_says_the_largest_codebooks_leave_budget_unused():
+    """With d fixed by block="small", k <= 256 caps a layer's size: a loose target (x4 on
+    ResNet-20) gives a smaller file, and the report says so; a target the codebooks can
+    fill (x20) has no such note."""
+    torch.manual_seed(0)
+    model = zoo.create("resnet20", in_channels=1, num_classes=10)
+    loose = netshrink.report(netshrink.compress(model, "pqf", "x4"))
+    assert loose.ratio > 8
+    assert any("the largest codebooks" in n for n in loose.notes)
+    assert loose.facts["layer_bits_used"] < 0.9 * loose.facts["layer_bits_available"]
+    tight = netshrink.report(netshrink.compress(model, "pqf", "x20"))
+    assert 19.5 < tight.ratio < 21
+    assert not any("the largest codebooks" in n for n in tight.notes)
+    assert "layer_bits_used" not in tight.facts

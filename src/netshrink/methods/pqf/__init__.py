@@ -375,6 +375,7 @@ class PQFMethod(Method):
             choices = plan(model, layers, budget, config)
         self._planned = None
         fp32_paper = paper_size_bits(model)
+        unused = _unused_budget(layers, choices, budget, config)  # before the weights move
         stem = stem_name(model) if config.keep_stem else None
         progress = tqdm(layers, desc="pqf", unit="layer", disable=None, leave=False)
         for i, ref in enumerate(progress):
@@ -386,11 +387,40 @@ class PQFMethod(Method):
                                      anneal=config.anneal, iters=config.iters, seed=seed + i,
                                      codebook_dtype=ref.option(config, "codebook_dtype"))
             set_module(model, ref.name, layer)
-        return plan_notes(layers, choices, config, stem, paper_size_bits(model), fp32_paper)
+        notes = plan_notes(layers, choices, config, stem, paper_size_bits(model), fp32_paper)
+        return notes.add(unused)
 
     def finalize(self, model: nn.Module, config: Any) -> None:
         super().finalize(model, config)
         _finalize_note(model)
+
+
+def _choice_bits(ref: LayerRef, choice: Choice, cfg: PQFConfig) -> int:
+    """Stored bits of one planned layer except its bias (as `_options` counts them)."""
+    if choice.dense:
+        return Encoding.of(ref.module.weight.dtype).nbits(ref.n_weights)
+    rows = ref.module.weight.shape[ref.out_axis] if choice.scale else 0
+    return palette_bits(ref.n_weights // choice.d, ceil_log2(choice.k), choice.d, rows,
+                        ref.option(cfg, "codebook_dtype"))
+
+
+def _unused_budget(layers: list[LayerRef], choices: dict[str, Choice], budget: Budget,
+                   cfg: PQFConfig) -> Notes | None:
+    """A note (and a warning) when a size or ratio target is far from used: with d fixed by
+    `block`, the largest codebooks (k <= `k`) store less than the target allows, so the
+    file comes out smaller (and coarser) than asked."""
+    if budget.target.kind == "bits":
+        return None
+    used, available = sum(_choice_bits(r, choices[r.name], cfg) for r in layers), \
+        budget.layer_bits()
+    if used >= 0.9 * available:
+        return None
+    line = (f"pqf: the layers use {format_bytes(used / 8)} of the "
+            f"{format_bytes(available / 8)} the target leaves them: the largest codebooks "
+            f"(k <= {cfg.k}, d from block={cfg.block!r}) are smaller than the target; "
+            "block='auto' lets d shrink to use more")
+    logger.warning("%s", line)
+    return Notes([line], {"layer_bits_used": used, "layer_bits_available": int(available)})
 
 
 def plan_of(model: nn.Module, layers: list[str]) -> dict[str, Choice]:
