@@ -449,6 +449,17 @@ def test_evaluate_and_agreement_known_values() -> None:
         evaluate(model, DataLoader(_BareTensors(inputs), batch_size=2))
 
 
+def test_evaluate_runs_without_gradients() -> None:
+    """As its docstring says: no autograd graph is built (SMH's cached expansion and memory
+    on large models depend on it)."""
+    seen = []
+    model = nn.Linear(4, 4)
+    model.register_forward_hook(lambda m, i, o: seen.append(o.requires_grad))
+    loader = DataLoader(TensorDataset(torch.eye(4), torch.arange(4)), batch_size=2)
+    evaluate(model, loader)
+    assert seen == [False, False]
+
+
 def test_distillation_loss_values() -> None:
     gen = torch.Generator().manual_seed(0)
     student, teacher = torch.randn(5, 3, generator=gen), torch.randn(5, 3, generator=gen)

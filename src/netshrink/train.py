@@ -319,6 +319,7 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperatur
 
 
 @torch.no_grad()
+@torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable[Any], *, max_batches: int | None = None) -> float:
     """Top-1 accuracy of ``model`` on labelled ``loader``, in [0, 1].
 
