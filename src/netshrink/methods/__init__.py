@@ -7,8 +7,8 @@ compressed layers under a budget (`encode`), may hook into the shared fine-tunin
 What a method wants the report to say about one compress call (its choices, fallbacks,
 costs) it returns from `prepare` / `encode` as `Notes`; `compress` stores them in the
 model's `netshrink_info`, so they are saved in the file and shown by `netshrink.report`
-and `netshrink inspect`. Methods keep no per-call state of their own: the registry holds
-one shared instance per method.
+and `netshrink inspect`. The registry holds one shared instance per method, so a method
+keeps no per-call state on itself (a content-keyed cache of expensive results is fine).
 """
 
 from __future__ import annotations

@@ -324,6 +324,10 @@ class _PermCache:
     report: PermutationReport | None = None
 
 
+_PLAN_ATTR = "_pqf_plan"
+"""Attribute of the model being compressed that carries `prepare`'s plan to `encode`."""
+
+
 class PQFMethod(Method):
     name = "pqf"
     config_cls = PQFConfig
@@ -333,7 +337,6 @@ class PQFMethod(Method):
         # a memo of the last permutation search, keyed by the weights, d's, iters and seed
         # (compress plans up to three times; the search is the slow part)
         self._cache = _PermCache()
-        self._planned: tuple[int, list[str], dict[str, Choice]] | None = None
 
     def supports(self, module: nn.Module) -> str | None:
         reason = compressible(module)
@@ -344,11 +347,12 @@ class PQFMethod(Method):
     def prepare(self, model: nn.Module, layers: list[LayerRef], budget: Budget,
                 config: PQFConfig, *, data: Any = None, seed: int = 0) -> Notes:
         """Plan sizes, then permute the model's channel groups (in place, same function) for
-        the planned subvector lengths. The plan is made on the weights as given and kept for
-        `encode`, so that permuting or not compares the same (d, k) per layer. Returns the
-        permutation's outcome for the report."""
+        the planned subvector lengths. The plan is made on the weights as given and handed
+        to `encode` on the model being compressed (not on this shared instance), so that
+        permuting or not compares the same (d, k) per layer. Returns the permutation's
+        outcome for the report."""
         choices = plan(model, layers, budget, config)
-        self._planned = (id(model), [r.name for r in layers], choices)
+        setattr(model, _PLAN_ATTR, ([r.name for r in layers], choices))
         if not config.permute:
             return Notes(["pqf permutation: off (permute=False)"])
         dims = {name: c.d for name, c in choices.items() if not c.dense}
@@ -368,12 +372,11 @@ class PQFMethod(Method):
                config: PQFConfig, *, data: Any = None, seed: int = 0) -> Notes:
         """Product-quantize every planned layer; returns the plan (depthwise choices,
         layers kept dense and why) and the paper-convention size for the report."""
-        planned = getattr(self, "_planned", None)
-        if planned is not None and planned[:2] == (id(model), [r.name for r in layers]):
-            choices = planned[2]
+        planned = model.__dict__.pop(_PLAN_ATTR, None)
+        if planned is not None and planned[0] == [r.name for r in layers]:
+            choices = planned[1]
         else:
             choices = plan(model, layers, budget, config)
-        self._planned = None
         fp32_paper = paper_size_bits(model)
         unused = _unused_budget(layers, choices, budget, config)  # before the weights move
         stem = stem_name(model) if config.keep_stem else None
