@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from netshrink.kmeans import assign, kmeans, kmeans_batched, update_centroids
@@ -26,6 +27,40 @@ def test_scalar_path_matches_bruteforce_assignment():
     brute = ((x[:, None] - c[None]) ** 2)
     assert torch.allclose(d, brute.min(1).values)
     assert torch.equal(brute[torch.arange(5000), labels], brute.min(1).values)
+
+
+@pytest.mark.parametrize("threads", [1, 2])  # one thread: the element-wise argmin path
+def test_vector_assignment_is_the_first_nearest_centroid(threads):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_first_nearest_centroid()
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _check_first_nearest_centroid():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3000, 8, generator=g)
+    c = torch.randn(64, 8, generator=g)
+    c[40] = c[7]  # an exact tie: the first of the two must win, as torch's min does
+    x[:5] = c[7]
+    for dtype in (torch.float32, torch.float64):
+        xs, cs = x.to(dtype), c.to(dtype)
+        labels, dists = assign(xs, cs)
+        partial = (cs * cs).sum(1) - 2 * xs @ cs.T  # the quantity assign minimises
+        assert torch.equal(labels, torch.addmm((cs * cs).sum(1), xs, cs.T.contiguous(),
+                                               alpha=-2).min(1).indices)
+        assert torch.allclose(partial[torch.arange(3000), labels], partial.min(1).values)
+        assert (labels != 40).all() and (labels[:5] == 7).all()
+        assert torch.allclose(dists, torch.cdist(xs, cs).min(1).values ** 2, atol=1e-4)
+
+
+def test_non_finite_points_are_refused():
+    x = torch.randn(100, 4)
+    x[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        kmeans(x, 4)
 
 
 def test_chunked_equals_unchunked():
