@@ -13,7 +13,8 @@ else 4, else 1, 20 iterations; plain Lloyd and SR-C) against faiss-cpu if it is 
 
     PYTHONPATH=src .venv/bin/python benchmarks/pqf_efficientnet.py --target x8
 
-Writes benchmarks/results/pqf_efficientnet_<target>[_<block>].json and prints a table.
+Writes benchmarks/results/pqf_efficientnet_<target>[_<block>][_distill<N>].json and prints a
+table.
 """
 
 from __future__ import annotations
@@ -233,7 +234,8 @@ def main() -> None:
     if args.speed:
         result["speed"] = speed(model, args.repeats, threads)
         print(result["speed"])
-    suffix = "" if args.block == "auto" else f"_{args.block}"
+    suffix = ("" if args.block == "auto" else f"_{args.block}") + (
+        f"_distill{args.distill}" if args.distill else "")
     out = Path(__file__).parent / "results" / f"pqf_efficientnet_{args.target}{suffix}.json"
     out.write_text(json.dumps(result, indent=1))
 
