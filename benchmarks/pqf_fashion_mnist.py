@@ -74,7 +74,7 @@ def paired(rows: list[dict], fp32_acc: float) -> dict | None:
             "diff_mean": statistics.mean(diffs), "diff_std": std,
             "diff_se": std / len(diffs) ** 0.5,
             "gap_closed": (full - plain) / room if room else float("nan"),
-            "gap_closed_se": std / len(diffs) ** 0.5 / room if room else float("nan")}
+            "gap_closed_se": std / len(diffs) ** 0.5 / abs(room) if room else float("nan")}
 
 
 def main() -> None:
