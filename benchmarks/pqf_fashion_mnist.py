@@ -22,7 +22,8 @@ and the per-seed paired differences PQF - plain PQ. `--variants` picks rows (com
         --seeds 3 --variants "plain PQ,PQF (both)"
 
 Writes benchmarks/results/pqf_fashion_mnist_<target>_<block>[_distill][_s<steps>_seeds<N>].json
-(the suffix only when steps != 150 or N != 1), rewritten after every seed, and prints tables.
+(the suffix only when steps != 150 or N != 1; `_anneal<I>` added with --anneal), rewritten
+after every seed, and prints tables.
 """
 
 from __future__ import annotations
@@ -114,6 +115,7 @@ def main() -> None:
     extra = {} if args.anneal is None else {"anneal": args.anneal}
     loss = "CE + distillation" if args.distill else "CE"
     suffix = "" if (args.steps, args.seeds) == (150, 1) else f"_s{args.steps}_seeds{args.seeds}"
+    suffix += "" if args.anneal is None else f"_anneal{args.anneal}"
     name = f"pqf_fashion_mnist_{args.target}_{args.block}{'_distill' if args.distill else ''}"
     out = Path(__file__).parent / "results" / f"{name}{suffix}.json"
     rows: list[dict] = []
