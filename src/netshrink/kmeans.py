@@ -54,7 +54,7 @@ def assign(x: torch.Tensor, centroids: torch.Tensor, chunk: int = DEFAULT_CHUNK,
     if x.shape[1] == 1:
         return _assign_scalar(x[:, 0], centroids[:, 0])
     dists = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
-    c_sq = (centroids * centroids).sum(1)
+    c_sq = squared_norms(centroids)
     c_t = centroids.T.contiguous()
     # On one CPU thread, blocks of about 2^18 distances (1 MiB in float32) stay in cache
     # and are several times faster than `chunk`-row blocks, whose (chunk, k) matrix goes
@@ -207,7 +207,7 @@ def kmeans(
     if d == 1 and iters > 0:
         centroids = _lloyd_scalar(x[:, 0], centroids, iters)
         iters = 1  # one generic pass: labels, inertia, re-seeding of any empty cluster
-    x_sq = squared_norms(x)
+    x_sq = squared_norms(x) if d > 1 else None  # the scalar path does not use them
     labels, dists = assign(x, centroids, chunk, x_sq)
     inertia = float(dists.sum(dtype=torch.float64))
     for _ in range(iters):
@@ -233,7 +233,7 @@ def _sr_c(x: torch.Tensor, k: int, centroids: torch.Tensor, passes: int,
     A re-seeded empty cluster counts as one point.
     """
     std = x.std(0, keepdim=True) if x.shape[0] > 1 else torch.zeros_like(x[:1])
-    x_sq = squared_norms(x)
+    x_sq = squared_norms(x) if x.shape[1] > 1 else None  # the scalar path does not use them
     labels, dists = assign(x, centroids, chunk, x_sq)
     for i in range(passes + 1):
         centroids = update_centroids(x, labels, k, centroids, dists)
