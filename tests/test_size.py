@@ -7,7 +7,6 @@ from netshrink.errors import ConfigError, InfeasibleTargetError
 from netshrink.size import (
     Budget,
     Encoding,
-    Option,
     allocate,
     dense_bits,
     fp32_bits,
@@ -71,10 +70,10 @@ def test_model_bits_of_palettized_model_counts_every_stored_tensor():
 
 def test_allocate_prefers_cheap_distortion_drops_and_respects_budget():
     def opts(n, var):
-        return [Option(b, b * n, n * var * 2.0 ** (-2 * b)) for b in range(1, 9)]
+        return [(b * n, n * var * 2.0 ** (-2 * b)) for b in range(1, 9)]
     options = [opts(1000, 1.0), opts(1000, 0.01)]
     pick = allocate(options, 6000)
-    bits = [options[i][p].label for i, p in enumerate(pick)]
+    bits = [p + 1 for p in pick]
     assert sum(b * 1000 for b in bits) <= 6000
     assert bits[0] > bits[1]  # the high-variance layer gets more bits
     with pytest.raises(ValueError):
@@ -87,7 +86,7 @@ def test_budget_infeasible_messages_give_range():
     assert isinstance(err, InfeasibleTargetError)
     assert "feasible sizes lie in [313 B, 1000 B]" in str(err)
     with pytest.raises(InfeasibleTargetError, match="larger than the uncompressed"):
-        Budget(parse_target("2KB"), 8000, 2000, 100).layer_bits()
+        Budget(parse_target("2KB"), 8000, 2000, 100).available()
 
 
 def test_compress_infeasible_targets(small_net):

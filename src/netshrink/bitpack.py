@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .size import MAX_CODE_BITS
+from .encoding import MAX_CODE_BITS
 
 _CHUNK = 1 << 20  # codes per chunk; a multiple of 8, so chunks end on byte boundaries
 

@@ -12,7 +12,14 @@ class ConfigError(NetshrinkError, ValueError):
 
 
 class InfeasibleTargetError(ConfigError):
-    """The requested size cannot be met; the message states the feasible range."""
+    """The requested size cannot be met; the message states the feasible range.
+
+    feasible: the tightest target of the same kind the method can meet ("33516B", "x1.9",
+    "2.125bit"), where the method knows it; None otherwise."""
+
+    def __init__(self, message: str, feasible: str | None = None) -> None:
+        super().__init__(message)
+        self.feasible = feasible
 
 
 class FormatError(NetshrinkError):

@@ -33,9 +33,10 @@ from torch import nn
 
 from .atomic import atomic_write
 from .bitpack import pack_bits, packed_nbytes, unpack_bits
+from .encoding import Encoding
 from .errors import ConfigError, FormatError
 from .layers import LAYER_KINDS, CompressedLayer, StoredModule, set_module, stored_modules
-from .size import Encoding, dense_state, with_aliases
+from .size import dense_state, with_aliases
 
 FORMAT_NAME = "netshrink"
 FORMAT_VERSION = 1

@@ -24,6 +24,7 @@ optionally times a per-output-channel scale (`channel_scales`).
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator
 from typing import Any, ClassVar
@@ -33,8 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from .encoding import Encoding, ceil_log2, dtype_name
 from .errors import FormatError
-from .size import Encoding, ceil_log2, dtype_name
 
 LAYER_KINDS: dict[str, type[StoredModule]] = {}
 
@@ -113,6 +114,27 @@ def compressible(module: nn.Module) -> str | None:
     if hasattr(module, "parametrizations"):
         return "the weight is already parametrized (torch.nn.utils.parametrize)"
     return None
+
+
+def planned_spec(kind: str, module: nn.Module, out_axis: int, **extra: Any) -> dict[str, Any]:
+    """The `spec()` a `CompressedLayer` of `kind` around `module` will have, before it is
+    built: what a method's plan records for each layer (`extra` is its `spec_extra`)."""
+    weight = module.weight
+    return {"kind": kind, "host": type_name(module), "weight_shape": list(weight.shape),
+            "weight_dtype": dtype_name(weight.dtype), "out_axis": int(out_axis), **extra}
+
+
+def meta_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of `module` whose parameters and buffers are on the meta device: same
+    structure, types, shapes, dtypes and tying, no memory. For building what a plan will
+    store without touching (or copying) the real weights."""
+    memo: dict[int, Any] = {}
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) not in memo:
+            meta = torch.empty_like(t, device="meta")
+            memo[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(
+                t, nn.Parameter) else meta
+    return copy.deepcopy(module, memo)
 
 
 def register_layer(cls: type[StoredModule]) -> type[StoredModule]:
@@ -343,8 +365,6 @@ def host_for_load(target: nn.Module) -> nn.Module:
     of the right shape and dtype on the meta device (its values come from the file)."""
     if not isinstance(target, CompressedLayer):
         return target
-    import copy
-
     host = copy.deepcopy(target.host)
     host.weight = nn.Parameter(torch.empty(target.weight_shape, dtype=target.weight_dtype,
                                            device="meta"))

@@ -12,9 +12,10 @@ from typing import Any
 
 from torch import nn
 
+from .encoding import Encoding
 from .fileformat import header_bytes
 from .layers import CompressedLayer, stored_modules
-from .size import Encoding, format_bytes, fp32_bits, model_bits, tensor_bits
+from .size import format_bytes, fp32_bits, model_bits, tensor_bits
 
 
 @dataclass

@@ -1,12 +1,12 @@
-"""Targets and bit-exact size accounting: the one place that says how big things are.
+"""Targets, bit-exact size accounting and budgets: the one place that says how big things are.
 
-Size is counted in bits of what is stored. Every stored tensor has an `Encoding`: a plain
-dtype (float16 codebooks, float32 biases and norms, int64 counters) or unsigned integer
-codes bit-packed at 1..16 bits. A packed code tensor is written byte-aligned, so it costs
-`ceil(numel * bits / 8)` bytes; this module counts exactly that, and the file writer
-(`fileformat.py`) writes exactly that, so the accounted size is the size on disk.
+Size is counted in bits of what is stored: every stored tensor's `Encoding`
+(`encoding.py`) says how many. `model_bits` sums the declaration of a whole model, which is
+exactly what the file writer (`fileformat.py`) writes, so the accounted size is the size on
+disk. `Budget` turns a target into the bits the compressed layers may use, with one cost
+rule for every target kind and every method.
 
-"KB"/"MB"/"GB" are binary units (KiB/MiB/GiB) as in all four papers (METHODS.md).
+"KB"/"MB"/"GB" are binary units (KiB/MiB/GiB), as in all four papers.
 """
 
 from __future__ import annotations
@@ -16,76 +16,14 @@ import math
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from .encoding import DTYPE_BITS, Encoding, dtype_name
 from .errors import ConfigError, InfeasibleTargetError
-
-_FLOAT_BITS = {"float64": 64, "float32": 32, "float16": 16, "bfloat16": 16}
-_INT_BITS = {"int64": 64, "int32": 32, "int16": 16, "int8": 8, "uint8": 8, "bool": 8}
-DTYPE_BITS: dict[str, int] = {**_FLOAT_BITS, **_INT_BITS}
-MAX_CODE_BITS = 16
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """'float32' for torch.float32: the name used in manifests and encodings."""
-    return str(dtype).removeprefix("torch.")
-
-
-@dataclass(frozen=True)
-class Encoding:
-    """How one stored tensor is written: a plain dtype, or codes packed at `bits` each.
-
-    String form (used in the file manifest): the dtype name ("float16") or "code<bits>".
-    """
-
-    name: str
-
-    def __post_init__(self) -> None:
-        if self.name not in DTYPE_BITS and not _is_code_name(self.name):
-            raise ConfigError(
-                f"unknown encoding {self.name!r}: use a dtype ({', '.join(DTYPE_BITS)}) "
-                f"or code1..code{MAX_CODE_BITS} for bit-packed codes"
-            )
-
-    @staticmethod
-    def codes(bits: int) -> Encoding:
-        """Unsigned integer codes, bit-packed at `bits` (1..16) bits each."""
-        return Encoding(f"code{int(bits)}")
-
-    @staticmethod
-    def of(dtype: torch.dtype | str) -> Encoding:
-        """A plain dtype encoding ('float16', torch.float32, ...)."""
-        return Encoding(dtype if isinstance(dtype, str) else dtype_name(dtype))
-
-    @property
-    def packed(self) -> bool:
-        return _is_code_name(self.name)
-
-    @property
-    def bits(self) -> int:
-        """Bits per element."""
-        return int(self.name[4:]) if self.packed else DTYPE_BITS[self.name]
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        """The in-memory dtype of a tensor with this encoding (int64 for codes)."""
-        return torch.int64 if self.packed else getattr(torch, self.name)
-
-    def nbytes(self, numel: int) -> int:
-        """Bytes this tensor occupies in the file (packed codes are byte-aligned)."""
-        return (numel * self.bits + 7) // 8
-
-    def nbits(self, numel: int) -> int:
-        """Bits this tensor occupies in the file: always 8 * nbytes."""
-        return 8 * self.nbytes(numel)
-
-
-def _is_code_name(name: str) -> bool:
-    m = re.fullmatch(r"code(\d+)", name)
-    return bool(m) and 1 <= int(m.group(1)) <= MAX_CODE_BITS
-
+from .layers import stored_modules
 
 # ---------------------------------------------------------------------------------------
 # Targets
@@ -181,8 +119,6 @@ def model_bits(model: nn.Module) -> int:
     Stored modules (compressed layers, shared representations) count what they declare
     in `stored()`; every other state-dict tensor counts at its dtype, shared tensors once.
     """
-    from .layers import stored_modules
-
     comp = dict(stored_modules(model))
     total = sum(tensor_bits(t, enc) for layer in comp.values() for t, enc in
                 layer.stored().values())
@@ -221,13 +157,35 @@ def format_bytes(n_bytes: float) -> str:
 
 
 @dataclass(frozen=True)
+class Option:
+    """One way to store one layer, as a planner offers it to `Budget.pick`.
+
+    label: what the planner needs back (bits, a (d, k) choice, ...); stored_bits: every
+    bit the layer stores except what the budget counts as fixed (its bias and other host
+    tensors); code_bits: the weight encoding alone (codes, factors, hash variables),
+    without side information (codebooks, scales); distortion: the planner's estimate of
+    the squared weight error, in any unit shared by all options of one plan.
+    """
+
+    label: Any
+    stored_bits: float
+    code_bits: float
+    distortion: float
+
+
+@dataclass(frozen=True)
 class Budget:
-    """What a target means for the layers being compressed.
+    """What a target means for the layers being compressed: the one cost rule.
 
     baseline_bits: the fp32 model; fixed_bits: everything left uncompressed (norms, biases
     kept dense, skipped layers); n_weights: weights of the layers to compress;
-    header_bits: what the file's header and manifest take. A size or ratio target bounds
-    the whole file on disk, so the header comes out of the same budget.
+    header_bits: what the file's header and manifest take.
+
+    - A size or ratio target bounds the whole file on disk: the compressed layers may store
+      `file - header - fixed` bits, and an option costs everything it stores.
+    - A bits target ("3bit") is the weight encoding per compressible weight: the layers
+      may use `bits * n_weights`, and an option costs its code bits alone (codebooks and
+      scales are side information, shown in the report but not charged).
     """
 
     target: Target
@@ -244,100 +202,91 @@ class Budget:
             return self.baseline_bits / self.target.value
         return None
 
-    def total_bits(self) -> float | None:
-        """Bits for the stored tensors (the file less its header), None for bits targets."""
-        file_bits = self.file_bits()
-        return None if file_bits is None else file_bits - self.header_bits
+    def available(self) -> float:
+        """Bits the compressed layers may use, in the unit `cost` charges.
 
-    def layer_bits(self) -> float:
-        """Bits available to the compressed layers' stored tensors.
-
-        For a bits target this is `bits * n_weights` of weight encoding alone.
+        Raises InfeasibleTargetError for a size or ratio target above the fp32 model.
         """
-        total = self.total_bits()
-        if total is None:
+        file_bits = self.file_bits()
+        if file_bits is None:
             return self.target.value * self.n_weights
-        if self.file_bits() > self.baseline_bits:
+        if file_bits > self.baseline_bits:
             raise InfeasibleTargetError(
-                f"target {self.target} ({format_bytes(self.file_bits() / 8)}) is larger than the "
+                f"target {self.target} ({format_bytes(file_bits / 8)}) is larger than the "
                 f"uncompressed fp32 model ({format_bytes(self.baseline_bits / 8)}): "
                 "nothing to compress"
             )
-        return total - self.fixed_bits
+        return file_bits - self.header_bits - self.fixed_bits
 
-    def infeasible(self, min_layer_bits: float, what: str) -> InfeasibleTargetError:
-        """The error for a target below the smallest size the method can reach."""
-        lo = math.ceil((self.fixed_bits + min_layer_bits + self.header_bits) / 8)
+    def cost(self, stored_bits: float, code_bits: float) -> float:
+        """What one option (or a whole plan) is charged: code bits for a bits target,
+        everything stored otherwise (see the class docstring)."""
+        return code_bits if self.target.kind == "bits" else stored_bits
+
+    def cost_of(self, option: Option) -> float:
+        return self.cost(option.stored_bits, option.code_bits)
+
+    def infeasible(self, smallest: float, what: str) -> InfeasibleTargetError:
+        """The error for a target below the smallest cost the method can reach
+        (`smallest`, in `cost` units), with the feasible range. `what` names the smallest
+        choice ("at the smallest allowed bit widths")."""
+        if self.target.kind == "bits":
+            per_weight = math.ceil(1000 * smallest / max(self.n_weights, 1)) / 1000
+            return InfeasibleTargetError(
+                f"target {self.target} cannot be met: the smallest options, {what}, take "
+                f"{smallest / max(self.n_weights, 1):.3f} bits per weight",
+                feasible=f"{per_weight}bit")
+        lo = math.ceil((self.fixed_bits + smallest + self.header_bits) / 8)
         hi = self.baseline_bits // 8
+        feasible = (f"{lo}B" if self.target.kind == "bytes"
+                    else f"x{math.floor(100 * hi / lo) / 100}")
         return InfeasibleTargetError(
             f"target {self.target} cannot be met: the smallest file {what} takes "
             f"{format_bytes(lo)} (x{hi / lo:.1f}), of which {format_bytes(self.fixed_bits / 8)} "
             f"stays uncompressed and {format_bytes(self.header_bits / 8)} is the header; "
-            f"feasible sizes lie in [{lo} B, {hi} B] (ratio x1 to x{hi / lo:.1f})"
-        )
-
+            f"feasible sizes lie in [{lo} B, {hi} B] (ratio x1 to x{hi / lo:.1f})",
+            feasible=feasible)
 
     def pick(self, options: Sequence[Sequence[Option]], what: str) -> list[int]:
-        """`allocate` under this budget's layer bits; when even the smallest options do not
-        fit, the target's error: `InfeasibleTargetError` with the feasible range for a size
-        or ratio target, `ConfigError` for a bits target. `what` names the smallest options
-        ("at the smallest allowed bit widths")."""
-        available = self.layer_bits()  # raises for a target above the fp32 model
+        """One option per layer: least total distortion with total cost <= `available()`
+        (`allocate`); when even the smallest options do not fit, `infeasible`."""
+        available = self.available()  # raises for a target above the fp32 model
+        costs = [[(self.cost_of(o), o.distortion) for o in opts] for opts in options]
         try:
-            return allocate(options, available)
+            return allocate(costs, available)
         except ValueError:
-            smallest = sum(min(o.size_bits for o in opts) for opts in options)
-            if self.target.kind != "bits":
-                raise self.infeasible(smallest, what) from None
-            raise ConfigError(f"target {self.target} is below the smallest options, "
-                              f"{what} ({smallest / self.n_weights:.3f} bits per weight)"
-                              ) from None
+            smallest = sum(min(c for c, _ in layer) for layer in costs)
+            raise self.infeasible(smallest, what) from None
 
 
-def palette_bits(n_codes: int, bits: int, d: int, scale_rows: int, dtype: str) -> int:
-    """Stored bits of a palette (`layers.PalettizedLayer`, bias not included): `n_codes`
-    codes packed at `bits` bits, a (2^bits, d) codebook and `scale_rows` per-channel scales
-    (0 for none), codebook and scales in `dtype`."""
-    enc = Encoding.of(dtype)
-    return Encoding.codes(bits).nbits(n_codes) + enc.nbits(2**bits * d) + enc.nbits(scale_rows)
-
-
-@dataclass(frozen=True)
-class Option:
-    """One way to encode one layer: its label (e.g. bits), stored size and distortion."""
-
-    label: int
-    size_bits: float
-    distortion: float
-
-
-def allocate(options: Sequence[Sequence[Option]], budget_bits: float) -> list[int]:
-    """Choose one option per layer: least total distortion with total size <= budget.
+def allocate(options: Sequence[Sequence[tuple[float, float]]], budget_bits: float
+             ) -> list[int]:
+    """Choose one (size, distortion) option per layer: least total distortion with total
+    size <= budget; returns the index of each layer's choice.
 
     Greedy marginal analysis (multiple-choice knapsack, Lagrangian-style): start from every
     layer's smallest option and repeatedly take the upgrade with the largest distortion drop
     per extra bit that still fits. Optimal when distortion is convex in size, as it is for
     rate-distortion curves like D(b) ~ 2^(-2b). Raises ValueError if even the smallest
-    options exceed the budget (callers turn that into an InfeasibleTargetError).
+    options exceed the budget.
     """
-    order = [sorted(range(len(opts)), key=lambda i: opts[i].size_bits) for opts in options]
+    order = [sorted(range(len(opts)), key=lambda i: opts[i][0]) for opts in options]
     choice = [0] * len(options)
-    used = sum(opts[o[0]].size_bits for opts, o in zip(options, order))
+    used = sum(opts[o[0]][0] for opts, o in zip(options, order))
     if used > budget_bits:
         raise ValueError(f"smallest options need {used} bits > budget {budget_bits}")
     heap: list[tuple[float, int, int]] = []
 
     def push(layer: int) -> None:
         opts, pos = options[layer], choice[layer]
-        cur = opts[order[layer][pos]]
+        size, distortion = opts[order[layer][pos]]
         best: tuple[float, int] | None = None
         for nxt in range(pos + 1, len(opts)):  # steepest next step (handles non-convexity)
-            cand = opts[order[layer][nxt]]
-            extra = cand.size_bits - cur.size_bits
-            gain = cur.distortion - cand.distortion
+            cand_size, cand_distortion = opts[order[layer][nxt]]
+            gain = distortion - cand_distortion
             if gain <= 0:
                 continue
-            slope = gain / max(extra, 1e-12)
+            slope = gain / max(cand_size - size, 1e-12)
             if best is None or slope > best[0]:
                 best = (slope, nxt)
         if best is not None:
@@ -348,14 +297,9 @@ def allocate(options: Sequence[Sequence[Option]], budget_bits: float) -> list[in
     while heap:
         _, layer, nxt = heapq.heappop(heap)
         opts = options[layer]
-        extra = opts[order[layer][nxt]].size_bits - opts[order[layer][choice[layer]]].size_bits
+        extra = opts[order[layer][nxt]][0] - opts[order[layer][choice[layer]]][0]
         if used + extra <= budget_bits:
             used += extra
             choice[layer] = nxt
             push(layer)
     return [order[layer][c] for layer, c in enumerate(choice)]
-
-
-def ceil_log2(k: int) -> int:
-    """Bits needed to index k entries (at least 1)."""
-    return max(1, math.ceil(math.log2(max(k, 2))))
