@@ -176,7 +176,7 @@ def test_codebook_gradients_are_deterministic():
 
 
 def test_method_notes_reach_info_report_and_file(small_net, saved_reports, monkeypatch):
-    """A method's `Notes` from encode land in netshrink_info, the report and the saved
+    """A method's `Notes` from apply land in netshrink_info, the report and the saved
     manifest; a method without notes adds no keys (files as before)."""
     plain = netshrink.compress(small_net, "kmeans", "4bit", min_weights=0)
     assert "notes" not in plain.netshrink_info and "facts" not in plain.netshrink_info
@@ -185,13 +185,13 @@ def test_method_notes_reach_info_report_and_file(small_net, saved_reports, monke
 
     from netshrink.methods import Notes
     method = netshrink.get_method("kmeans")
-    encode = method.encode
+    apply = method.apply
 
     def noted(*args, **kwargs):
-        encode(*args, **kwargs)
+        apply(*args, **kwargs)
         return Notes(["kmeans: a test note"], {"answer": 42}, target="my budget")
 
-    monkeypatch.setattr(method, "encode", noted)
+    monkeypatch.setattr(method, "apply", noted)
     small = netshrink.compress(small_net, "kmeans", "x4", min_weights=0)
     assert small.netshrink_info["notes"] == ["kmeans: a test note"]
     for rep in saved_reports(small, small_net):

@@ -188,10 +188,10 @@ def test_reload_is_identical_and_file_size_is_accounted(tmp_path):
     for loaded in (netshrink.load(tmp_path / "r.nsk"), netshrink.load(tmp_path / "r.nsk", model),
                    netshrink.load(tmp_path / "r.nsk", small)):
         assert torch.equal(loaded(x), out)
-        assert isinstance(loaded.smh_bank, HashBank)
-        assert loaded.conv1.bank is loaded.smh_bank
+        assert isinstance(loaded.conv1.smh_bank, HashBank)  # held by the first layer
+        assert loaded.fc.bank is loaded.conv1.smh_bank
     twin = copy.deepcopy(small)  # copies keep one shared bank
-    assert twin.conv1.bank is twin.smh_bank and twin.fc.bank is twin.smh_bank
+    assert twin.conv1.bank is twin.conv1.smh_bank and twin.fc.bank is twin.conv1.smh_bank
     assert torch.equal(twin(x), out)
     # the layers with a bias (the classifier) decode it from the bank
     assert small.fc.bias.shape == (10,) and small.fc.host.bias is None
@@ -250,9 +250,9 @@ def test_too_small_targets_and_bad_configs_raise_clearly():
         netshrink.compress(model, method="smh", rank=0)
     with pytest.raises(ConfigError, match="dtype"):
         netshrink.compress(model, method="smh", dtype="int8")
-    model.smh_bank = nn.Identity()
+    model.conv1.smh_bank = nn.Identity()  # the bank's place, under the first chosen layer
     with pytest.raises(ConfigError, match="bank_name"):
-        netshrink.compress(model, method="smh", rank=2)
+        netshrink.compress(model, method="smh", rank=2, min_weights=0)
 
 
 @pytest.mark.parametrize("cache", [False, True])

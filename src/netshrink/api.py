@@ -1,4 +1,4 @@
-"""`compress()`: plan -> encode -> fine-tune -> finalize, the library's one verb.
+"""`compress()`: plan -> prepare -> apply -> fine-tune -> finalize, the library's one verb.
 
 The input model is never modified: compression works on a deep copy. The returned module
 runs and trains like any nn.Module; it carries a `netshrink_info` dict (method, target,
@@ -14,17 +14,32 @@ import dataclasses
 import logging
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import ConfigError, FormatError, IncompleteCompressionError, NonFiniteError
+from .errors import (
+    ConfigError,
+    FormatError,
+    IncompleteCompressionError,
+    InfeasibleTargetError,
+    NonFiniteError,
+)
 from .fileformat import check_savable, header_bytes
 from .graph import Selection, select_layers, weight_count
-from .layers import compressed_layers
-from .methods import Notes, get_method
-from .size import Budget, dense_bits, format_bytes, fp32_bits, model_bits, parse_target
+from .layers import StoredModule, compressed_layers, meta_copy, set_module, stored_modules
+from .methods import Method, Notes, Plan, Request, get_method
+from .size import (
+    Budget,
+    Target,
+    dense_bits,
+    format_bytes,
+    fp32_bits,
+    model_bits,
+    parse_target,
+)
 from .train import Finetune, fit
 
 logger = logging.getLogger(__name__)
@@ -71,7 +86,11 @@ def compress(
 
     If less than half of the weights can be compressed, or a layer holding more than 1%
     of them is unsupported, a warning names the reason; `strict=True` raises
-    `IncompleteCompressionError` instead. A NaN or infinite weight raises `NonFiniteError`.
+    `IncompleteCompressionError` instead. A NaN or infinite value in any tensor of the
+    model raises `NonFiniteError` (naming the tensors) before any work.
+
+    Steps (methods/__init__.py): survey and plan (repeated with the measured header until
+    the file fits), prepare, apply once, fine-tune, finalize.
     """
     algo = get_method(method)
     cfg = algo.make_config(config, **options)
@@ -83,75 +102,206 @@ def compress(
     if min_weights < 0:
         raise ConfigError("min_weights must be >= 0")
 
-    header_reserve: int | None = None
-    for attempt in range(_MAX_PLANS):
+    _check_finite_input(model)
+    reserve: int | None = None
+    for attempt in range(2):
         student = copy.deepcopy(model)
         chosen, skipped = select_layers(student, algo.supports, layers=layers,
                                         exclude=exclude, min_weights=min_weights,
                                         overrides=overrides)
         if attempt == 0:
             share = _check_coverage(student, chosen, skipped, strict)
-        weights_bits = dense_bits((r.name, r.module.weight) for r in chosen)
-        fixed_bits = model_bits(student) - weights_bits
-        if header_reserve is None:
-            header_reserve = _first_header_estimate(student, len(chosen))
-        budget = Budget(tgt, fp32_bits(model), fixed_bits, sum(r.n_weights for r in chosen),
-                        header_bits=8 * header_reserve)
-        notes = Notes().add(algo.prepare(student, chosen, budget, cfg, data=data, seed=seed))
-        originals = {ref.name: ref.module.weight.detach().clone() for ref in chosen}
+        request = Request(student, chosen, cfg, data, seed)
+        survey = algo.survey(request)  # it may refer to this copy's modules
+        context = _Context(algo, tgt, cfg, seed, fp32_bits(model), skipped, share)
+        plan, budget = _plan(context, request, survey, reserve)
+        notes = Notes().add(plan.notes).add(algo.prepare(student, plan, request))
+        originals = {ref.name: ref.module.weight.detach().clone() for ref in chosen
+                     if ref.name in plan.layers}
         logger.info("%s: compressing %d layers (%d weights) to %s; %d layers kept dense",
-                    algo.name, len(chosen), budget.n_weights, tgt, len(skipped))
-        notes.add(algo.encode(student, chosen, budget, cfg, data=data, seed=seed))
+                    algo.name, len(plan.layers), budget.n_weights, tgt, len(skipped))
+        notes.add(algo.apply(student, plan, request))
+        _check_applied(student, plan, algo.name)
+        setattr(student, INFO_ATTR, context.info(notes, _layer_stats(student, originals)))
+        header = header_bytes(student) + _header_slack(len(plan.layers))
         file_bits = budget.file_bits()
-        if file_bits is None:
+        if file_bits is None or model_bits(student) + 8 * header <= file_bits or attempt:
             break
-        setattr(student, INFO_ATTR, _info(algo, tgt, cfg, seed, budget, skipped, share,
-                                          _layer_stats(student, originals), notes))
-        header = header_bytes(student) + _header_slack(len(chosen))
-        fits = model_bits(student) + 8 * header <= file_bits
-        wasteful = 8 * (header_reserve - header) > _RESERVE_WASTE * file_bits
-        if (fits and not wasteful) or attempt == _MAX_PLANS - 1:
-            break
-        logger.info("the header needs %d bytes, %d were reserved: planning again",
-                    header, header_reserve)
-        header_reserve = header
+        # the notes apply returned outgrew their placeholders: plan and apply again
+        logger.info("the header needs %d bytes after apply, %d were reserved: compressing "
+                    "again", header, budget.header_bits // 8)
+        reserve = header
 
     if finetune is not None and finetune.epochs > 0:
         was_training = model.training
         try:
-            fit(student, data, finetune, teacher=model, eval_loader=eval_data,
-                hooks=algo.hooks(student, cfg))
+            fit(student, data, finetune, teacher=model, eval_loader=eval_data)
         finally:
             model.train(was_training)
     algo.finalize(student, cfg)
     student.eval()
     _check_finite(student)
 
-    setattr(student, INFO_ATTR, _info(algo, tgt, cfg, seed, budget, skipped, share,
-                                      _layer_stats(student, originals), notes))
+    setattr(student, INFO_ATTR, context.info(notes, _layer_stats(student, originals)))
     total = model_bits(student) + 8 * header_bytes(student)
     logger.info("compressed to %s (x%.2f of fp32 %s), header included",
-                format_bytes(total / 8), budget.baseline_bits / total,
-                format_bytes(budget.baseline_bits / 8))
+                format_bytes(total / 8), context.baseline_bits / total,
+                format_bytes(context.baseline_bits / 8))
+    file_bits = budget.file_bits()
     if file_bits is not None and total > file_bits:
-        logger.warning("result %s exceeds the target %s", format_bytes(total / 8), tgt)
+        logger.warning("result %s exceeds the target %s by %d bytes (the method's notes "
+                       "grew past the header reserve)", format_bytes(total / 8), tgt,
+                       math.ceil((total - file_bits) / 8))
     return student
 
 
-_MAX_PLANS = 3
+@dataclass(frozen=True)
+class _Context:
+    """What `compress` knows besides the plan, and the `netshrink_info` it writes."""
+
+    algo: Method
+    target: Target
+    config: Any
+    seed: int
+    baseline_bits: int
+    skipped: dict[str, str]
+    share: tuple[int, int]
+
+    def info(self, notes: Notes, stats: dict[str, Any]) -> dict[str, Any]:
+        """The model's `netshrink_info`. The method's notes and facts are added only when
+        it gave some, so methods without notes save the same manifest as before."""
+        info = {
+            "method": self.algo.name,
+            "target": notes.target or self.target.text,
+            "config": _jsonable(dataclasses.asdict(self.config)),
+            "seed": self.seed,
+            "baseline_bits": self.baseline_bits,
+            "weights_compressed": self.share[0],
+            "weights_total": self.share[1],
+            "skipped": self.skipped,
+            "layers": stats,
+        }
+        if notes.lines:
+            info["notes"] = list(notes.lines)
+        if notes.facts:
+            info["facts"] = _jsonable(notes.facts)
+        return info
+
+
+_MAX_PLANS = 4
 _RESERVE_WASTE = 0.02  # plan again when the header reserve overshoots by 2% of the file
 
 
+def _plan(context: _Context, request: Request, survey: Any, reserve: int | None,
+          check_feasible: bool = True) -> tuple[Plan, Budget]:
+    """Plan until the file fits: the header reserved in the budget starts from an estimate
+    and is replaced by the header of what the plan will store (measured exactly on the
+    meta device, with room for the numbers only known after apply) until the planned file
+    fits the target without wasting more than 2% of it on an oversized reserve. Bits
+    targets do not count the header: one plan."""
+    student, chosen = request.model, request.layers
+    weights_bits = dense_bits((r.name, r.module.weight) for r in chosen)
+    fixed_bits = model_bits(student) - weights_bits
+    n_weights = sum(r.n_weights for r in chosen)
+    if reserve is None:
+        reserve = _first_header_estimate(student, len(chosen))
+    for attempt in range(_MAX_PLANS):
+        budget = Budget(context.target, context.baseline_bits, fixed_bits, n_weights,
+                        header_bits=8 * reserve)
+        try:
+            plan = context.algo.plan(request, survey, budget)
+        except InfeasibleTargetError as error:
+            if not check_feasible:
+                raise
+            raise _checked_feasible(context, request, survey, error) from None
+        file_bits = budget.file_bits()
+        if file_bits is None:
+            return plan, budget
+        stored, header = _planned_size(context, student, plan)
+        fits = stored + 8 * header <= file_bits
+        wasteful = 8 * (reserve - header) > _RESERVE_WASTE * file_bits
+        if (fits and not wasteful) or attempt == _MAX_PLANS - 1:
+            return plan, budget
+        logger.info("the header needs %d bytes, %d were reserved: planning again",
+                    header, reserve)
+        reserve = header
+    raise AssertionError("unreachable")
+
+
+def _planned_size(context: _Context, student: nn.Module, plan: Plan) -> tuple[int, int]:
+    """(stored bits, header bytes with slack) of the file the plan makes, measured on its
+    skeleton with placeholder notes and statistics."""
+    skeleton = _skeleton(student, plan)
+    placeholder = Notes().add(plan.notes).add(plan.expected)
+    setattr(skeleton, INFO_ATTR, context.info(placeholder, _placeholder_stats(plan)))
+    return model_bits(skeleton), header_bytes(skeleton) + _header_slack(len(plan.layers))
+
+
+def _checked_feasible(context: _Context, request: Request, survey: Any,
+                      error: InfeasibleTargetError) -> InfeasibleTargetError:
+    """`error` with its `feasible` target checked by planning at it: the method computed it
+    with the header it had reserved, and the smallest plan's header may differ. Planned
+    again (with the measured header) until a plan fits; None when none does."""
+    for _ in range(3):
+        if error.feasible is None:
+            return error
+        try:
+            plan, budget = _plan(dataclasses.replace(context, target=parse_target(
+                error.feasible)), request, survey, None, check_feasible=False)
+        except InfeasibleTargetError as again:
+            error = again
+            continue
+        stored, header = _planned_size(context, request.model, plan)
+        file_bits = budget.file_bits()
+        if file_bits is None or stored + 8 * header <= file_bits:
+            return error
+        break
+    error.feasible = None
+    return error
+
+
+def _skeleton(student: nn.Module, plan: Plan) -> nn.Module:
+    """The model as the plan will store it, on the meta device: every planned layer built
+    empty from its spec (as the loader builds them), shared modules attached. Its
+    `model_bits` and `header_bytes` are those of the file the plan makes."""
+    skeleton = meta_copy(student)
+    with torch.device("meta"):
+        for name, spec in plan.layers.items():
+            set_module(skeleton, name,
+                       StoredModule.from_spec(spec, skeleton.get_submodule(name)))
+        for name, spec in plan.attached.items():
+            set_module(skeleton, name, StoredModule.from_spec(spec))
+    return skeleton
+
+
+def _placeholder_stats(plan: Plan) -> dict[str, dict[str, float]]:
+    """Per-layer statistics of the same form as the real ones (`_layer_stats`), with
+    varied digits so that the manifest compresses as it will."""
+    return {name: {"sqnr_db": round(10.0 + (7.318 * i) % 23.0 + 0.0137 * i, 4)}
+            for i, name in enumerate(plan.layers)}
+
+
+def _check_applied(student: nn.Module, plan: Plan, method: str) -> None:
+    """What `apply` built is what the plan specified (a method bug otherwise: the size
+    counted at planning would not be the size written)."""
+    built = dict(stored_modules(student))
+    for name, spec in {**plan.layers, **plan.attached}.items():
+        layer = built.get(name)
+        got = _jsonable(layer.spec()) if layer is not None else None
+        if got != _jsonable(spec):
+            raise RuntimeError(f"{method}.apply built {name!r} as {got}, the plan said {spec}")
+
+
 def _first_header_estimate(student: nn.Module, n_layers: int) -> int:
-    """Header bytes reserved before encoding: the uncompressed model's header plus an
-    allowance per compressed layer (its spec and statistics, zlib-compressed). The plan is
-    redone with the measured header if this falls short."""
+    """Header bytes reserved for the first plan: the uncompressed model's header plus an
+    allowance per compressed layer (its spec and statistics, zlib-compressed)."""
     return header_bytes(student) + 64 * n_layers + 256
 
 
 def _header_slack(n_layers: int) -> int:
-    """Room for the manifest to change after planning (fine-tuned per-layer statistics are
-    other numbers of the same form)."""
+    """Room for the manifest to change after planning: the numbers in the statistics and
+    the notes that are only known after apply and fine-tuning are other numbers of the same
+    form as the placeholders measured."""
     return 32 + 2 * n_layers
 
 
@@ -160,28 +310,6 @@ def _layer_stats(student: nn.Module, originals: dict[str, torch.Tensor]
     comp = dict(compressed_layers(student))
     return {name: {"sqnr_db": round(sqnr_db(weight, comp[name].decode_weight()), 4)}
             for name, weight in originals.items() if name in comp}
-
-
-def _info(algo: Any, tgt: Any, cfg: Any, seed: int, budget: Budget, skipped: dict[str, str],
-          share: tuple[int, int], stats: dict[str, Any], notes: Notes) -> dict[str, Any]:
-    """The model's `netshrink_info`. The method's notes and facts are added only when it
-    gave some, so methods without notes save the same manifest as before they existed."""
-    info = {
-        "method": algo.name,
-        "target": notes.target or tgt.text,
-        "config": _jsonable(dataclasses.asdict(cfg)),
-        "seed": seed,
-        "baseline_bits": budget.baseline_bits,
-        "weights_compressed": share[0],
-        "weights_total": share[1],
-        "skipped": skipped,
-        "layers": stats,
-    }
-    if notes.lines:
-        info["notes"] = list(notes.lines)
-    if notes.facts:
-        info["facts"] = _jsonable(notes.facts)
-    return info
 
 
 def _skipped_size(model: nn.Module, name: str) -> int:
@@ -195,15 +323,10 @@ def _skipped_size(model: nn.Module, name: str) -> int:
 def _check_coverage(student: nn.Module, chosen: list[Any], skipped: dict[str, str],
                     strict: bool) -> tuple[int, int]:
     """(compressed weights, all weights); warn (or raise with strict) when less than half
-    can be compressed or an unsupported layer holds more than 1% of the weights. Also
-    refuses non-finite input weights."""
+    can be compressed or an unsupported layer holds more than 1% of the weights."""
     if not chosen:
         reasons = "; ".join(f"{n}: {r}" for n, r in skipped.items()) or "no weight layers"
         raise ConfigError(f"no layer can be compressed ({reasons})")
-    for ref in chosen:
-        if not bool(torch.isfinite(ref.module.weight.detach()).all()):
-            raise NonFiniteError(f"layer {ref.name!r}: the input weight holds NaN or inf "
-                                 "values; compress a model with finite weights")
     total = weight_count(student)
     done = sum(r.n_weights for r in chosen)
     problems = []
@@ -220,6 +343,17 @@ def _check_coverage(student: nn.Module, chosen: list[Any], skipped: dict[str, st
             raise IncompleteCompressionError(message)
         logger.warning("%s", message)
     return done, total
+
+
+def _check_finite_input(model: nn.Module) -> None:
+    """Every floating tensor of the input model (weights, biases, norms, buffers) is
+    finite, or a `NonFiniteError` naming the tensors that are not, before any work."""
+    bad = [name for name, t in model.state_dict(keep_vars=True).items()
+           if t.is_floating_point() and not bool(torch.isfinite(t.detach()).all())]
+    if bad:
+        listed = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+        raise NonFiniteError(f"the model holds NaN or inf values in {listed}; compress a "
+                             "model whose tensors are all finite")
 
 
 def _check_finite(student: nn.Module) -> None:

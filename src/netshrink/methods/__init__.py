@@ -1,14 +1,28 @@
-"""The method registry: every compression method is one `Method` subclass in this folder.
+"""The method registry, and the one shape every compression method has.
 
-A method says which layers it can compress (`supports`), turns the chosen layers into
-compressed layers under a budget (`encode`), may hook into the shared fine-tuning loop
-(`hooks`), and makes the final, deployable form (`finalize`). Tests loop over `methods()`.
+A method is a `Method` subclass registered under its name; tests loop over `methods()`.
+`compress` drives every method through the same steps:
 
-What a method wants the report to say about one compress call (its choices, fallbacks,
-costs) it returns from `prepare` / `encode` as `Notes`; `compress` stores them in the
-model's `netshrink_info`, so they are saved in the file and shown by `netshrink.report`
-and `netshrink inspect`. The registry holds one shared instance per method, so a method
-keeps no per-call state on itself (a content-keyed cache of expensive results is fine).
+1. `supports(module)`: which layers it can compress (the others stay dense, with the
+   reason in the report).
+2. `survey(request)`: budget-independent measurements of the chosen layers, made once
+   (ALDS's singular values, PQF's subvector statistics and channel groups). Optional.
+3. `plan(request, survey, budget)`: cheap and pure. Per chosen layer, the stored form it
+   will get (the `spec` of its compressed layer; absent: the layer stays dense), any shared
+   stored module (SMH's bank), and the report's notes. `compress` builds what the plan
+   will store on the meta device, counts its bits and its file header exactly, and plans
+   again with the measured header until the file fits the target.
+4. `prepare(model, plan, request)`: a function-preserving change before encoding (PQF's
+   channel permutation); the report's SQNR compares against the weights after it.
+5. `apply(model, plan, request)`: build the planned layers in place. Once.
+6. fine-tuning (the shared loop), then `finalize(model, config)`: the deployable form.
+
+Notes: what a method wants the report to say about one call (its choices, fallbacks,
+costs) is `Notes`, saved in the file's manifest. The plan's notes are known at planning;
+numbers only known after `prepare`/`apply` (PQF's log-det drop, DKM's temperatures) are
+returned by those steps, and the plan carries a same-shaped placeholder (`Plan.expected`)
+so that the header is measured before anything is applied. The registry holds one shared
+instance per method: a method keeps no per-call state on itself.
 """
 
 from __future__ import annotations
@@ -52,8 +66,41 @@ class Notes:
         return self
 
 
+@dataclass
+class Request:
+    """What one compress call asks a method to do: the model being compressed (a copy of
+    the user's), the chosen layers with their per-layer options, the method's config,
+    the data given to compress (may be None) and the seed."""
+
+    model: nn.Module
+    layers: list[LayerRef]
+    config: Any
+    data: Any = None
+    seed: int = 0
+
+
+@dataclass
+class Plan:
+    """A method's plan for one call: exactly what will be stored.
+
+    layers: chosen layer name -> the `spec()` its compressed layer will have (a chosen
+    layer that is absent stays dense, as the plan decided); attached: name -> spec of a
+    stored module shared by several layers, added to the model under that dotted name;
+    notes: the report's notes known at planning; expected: placeholders for the notes that
+    `prepare`/`apply` return (same shape, other numbers), used only to size the header;
+    detail: whatever `apply` needs besides the specs (the method's own choices).
+    """
+
+    layers: dict[str, dict[str, Any]]
+    attached: dict[str, dict[str, Any]] = field(default_factory=dict)
+    notes: Notes = field(default_factory=Notes)
+    expected: Notes = field(default_factory=Notes)
+    detail: Any = None
+
+
 class Method:
-    """Base class of a compression method; subclasses set `name` and `config_cls`."""
+    """Base class of a compression method; subclasses set `name`, `config_cls`, `summary`
+    and implement `supports`, `plan` and `apply` (see the module docstring)."""
 
     name: ClassVar[str] = ""
     config_cls: ClassVar[type] = object
@@ -76,21 +123,24 @@ class Method:
         """None if this method can compress the module, else the reason it cannot."""
         raise NotImplementedError
 
-    def prepare(self, model: nn.Module, layers: list[LayerRef], budget: Budget, config: Any,
-                *, data: Any = None, seed: int = 0) -> Notes | None:
-        """Change the model without changing its function before it is encoded (e.g. PQF's
-        channel permutation); the per-layer statistics (SQNR) compare against the weights
-        after this step. May return `Notes` for the report. Nothing by default."""
+    def survey(self, request: Request) -> Any:
+        """Budget-independent measurements of the chosen layers, made once per call and
+        handed to every `plan`. Nothing by default."""
+        return None
 
-    def encode(self, model: nn.Module, layers: list[LayerRef], budget: Budget, config: Any,
-               *, data: Any = None, seed: int = 0) -> Notes | None:
-        """Replace the chosen layers of `model` (in place) with compressed layers; may return
-        `Notes` for the report (None: nothing to add)."""
+    def plan(self, request: Request, survey: Any, budget: Budget) -> Plan:
+        """The stored form of every chosen layer under `budget` (cheap, no side effects);
+        raises InfeasibleTargetError / ConfigError when the target cannot be met."""
         raise NotImplementedError
 
-    def hooks(self, model: nn.Module, config: Any) -> list[Any]:
-        """Per-step hooks (netshrink.train.StepHook) for fine-tuning; none by default."""
-        return []
+    def prepare(self, model: nn.Module, plan: Plan, request: Request) -> Notes | None:
+        """Change `model` without changing its function before it is encoded; may return
+        `Notes` (announced in `plan.expected`). Nothing by default."""
+
+    def apply(self, model: nn.Module, plan: Plan, request: Request) -> Notes | None:
+        """Replace the planned layers of `model` (in place) by their compressed layers,
+        exactly as `plan.layers` / `plan.attached` specify; may return `Notes`."""
+        raise NotImplementedError
 
     def finalize(self, model: nn.Module, config: Any) -> None:
         """Make every stored module exactly what will be saved."""

@@ -30,15 +30,16 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ...encoding import Encoding, dtype_name
 from ...errors import ConfigError, InfeasibleTargetError
 from ...graph import LayerRef
 from ...layers import compressible, set_module
-from ...size import DTYPE_BITS, Budget, dtype_name
+from ...size import Budget
 from ...train import _split_batch
-from .. import Method, Notes, register_method
+from .. import Method, Notes, Plan, Request, register_method
 from .layer import LowRankLayer, factorize
 from .profile import ERROR_MODES, LayerProfile, profile_layer
-from .solver import SOLVERS, InfeasibleBudget, Solution, layer_error, solve
+from .solver import SOLVERS, InfeasibleBudget, layer_error, solve
 
 logger = logging.getLogger(__name__)
 
@@ -117,32 +118,35 @@ class AldsMethod(Method):
     def _factor_dtype(self, ref: LayerRef, config: AldsConfig) -> str:
         return ref.option(config, "factor_dtype") or dtype_name(ref.module.weight.dtype)
 
-    def plan(self, model: nn.Module, layers: list[LayerRef], budget: Budget,
-             config: AldsConfig, seed: int = 0) -> tuple[list[LayerProfile], Solution]:
-        """Profile every layer and solve for (k, j); sizes in parameters for keep_ratio,
-        else in bits."""
-        if config.keep_ratio is not None:
-            if budget.target.kind != "bits":
-                raise ConfigError("give either keep_ratio or a size/ratio target, not both")
-            total = parameter_count(model)
-            fixed = total - sum(r.n_weights for r in layers)
-            available = config.keep_ratio * total - fixed
-        else:
-            available = budget.layer_bits()
-        profiles = []
+    def survey(self, request: Request) -> list[LayerProfile]:
+        """Singular values of every group split of every layer (the expensive part, once);
+        sizes in parameters for `keep_ratio`, else in bits of the stored factors."""
+        config, profiles = request.config, []
         only_k1 = config.solver != "alds"
-        for ref in tqdm(layers, desc="alds: spectra", unit="layer", disable=None,
+        for ref in tqdm(request.layers, desc="alds: spectra", unit="layer", disable=None,
                         leave=False):
             weight = ref.module.weight
             if config.keep_ratio is not None:
                 unit, dense = 1.0, float(ref.n_weights)
             else:
-                unit = float(DTYPE_BITS[self._factor_dtype(ref, config)])
-                dense = float(ref.n_weights * DTYPE_BITS[dtype_name(weight.dtype)])
+                unit = float(Encoding.of(self._factor_dtype(ref, config)).bits)
+                dense = float(Encoding.of(weight.dtype).nbits(ref.n_weights))
             profiles.append(profile_layer(ref.name, weight, unit, dense,
                                           ref.option(config, "max_groups"), only_k1))
+        return profiles
+
+    def plan(self, request: Request, survey: list[LayerProfile], budget: Budget) -> Plan:
+        """(k, j) per layer from the solver; a layer at j = 0 stays dense."""
+        config, layers, model = request.config, request.layers, request.model
+        total = parameter_count(model)
+        if config.keep_ratio is not None:
+            if budget.target.kind != "bits":
+                raise ConfigError("give either keep_ratio or a size/ratio target, not both")
+            available = config.keep_ratio * total - (total - sum(r.n_weights for r in layers))
+        else:
+            available = budget.available()
         try:
-            sol = solve(config.solver, profiles, available, config.error, seed=seed,
+            sol = solve(config.solver, survey, available, config.error, seed=request.seed,
                         iters=config.iters, random_starts=config.random_starts)
         except InfeasibleBudget as e:
             if config.keep_ratio is not None:
@@ -154,20 +158,27 @@ class AldsMethod(Method):
                     f"[{lowest:.4f}, 1)") from None
             raise budget.infeasible(e.min_size, f"with every layer at rank 1 "
                                     f"(solver {config.solver})") from None
-        return profiles, sol
+        specs = {ref.name: LowRankLayer.plan_spec(ref.module, c.k, c.j,
+                                                   self._factor_dtype(ref, config))
+                 for ref, c in zip(layers, sol.choices) if c.j > 0}
+        kept = total - sum(ref.n_weights - c.j * prof.tables[c.k].step
+                           for ref, prof, c in zip(layers, survey, sol.choices) if c.j > 0)
+        flops = None if request.data is None else (123456789, 987654321, [123, 45, 67])
+        expected = _kept_notes(total, kept, config.keep_ratio, flops)
+        dense = [ref.name for ref, c in zip(layers, sol.choices) if c.j == 0]
+        notes = Notes([f"alds kept dense: {', '.join(dense)} (no factorisation is both "
+                       "smaller and as accurate as the plan needs)"]) if dense else Notes()
+        return Plan(specs, notes=notes, expected=expected, detail=(survey, sol, total))
 
-    def encode(self, model: nn.Module, layers: list[LayerRef], budget: Budget,
-               config: AldsConfig, *, data: Any = None, seed: int = 0) -> Notes:
-        """Factorise the layers as the solver plans; returns the parameters (and, given
+    def apply(self, model: nn.Module, plan: Plan, request: Request) -> Notes:
+        """Factorise the layers as the solver planned; returns the parameters (and, given
         data, FLOPs) kept for the report."""
-        total = parameter_count(model)
-        profiles, sol = self.plan(model, layers, budget, config, seed)
+        config = request.config
+        profiles, sol, total = plan.detail
         logger.info("alds (%s, %s error): largest layer error %.4g, size %.0f",
                     config.solver, config.error, sol.max_error, sol.size)
-        for ref, prof, choice in zip(layers, profiles, sol.choices):
+        for ref, prof, choice in zip(request.layers, profiles, sol.choices):
             if choice.j == 0:
-                logger.info("%s stays dense: no factorisation is both smaller and as "
-                            "accurate as the plan needs", ref.name)
                 continue
             encoder, decoder = factorize(ref.module.weight, choice.k, choice.j)
             device = ref.module.weight.device
@@ -175,14 +186,29 @@ class AldsMethod(Method):
                                  choice.k, self._factor_dtype(ref, config))
             layer.error_bounds = {m: layer_error(prof, choice, m) for m in ERROR_MODES}
             set_module(model, ref.name, layer)
-        return kept_notes(model, total, config.keep_ratio, data)
+        return kept_notes(model, total, config.keep_ratio, request.data)
 
 
 def kept_notes(model: nn.Module, total: int, keep_ratio: float | None, data: Any) -> Notes:
     """The share of all `total` parameters the factorised `model` keeps (with the requested
     `keep_ratio`, which then names the report's target) and the FLOPs it keeps on the first
     input of `data` (not measured without data)."""
-    kept = parameter_count(model)
+    example = _first_input(data)
+    if example is None:
+        return _kept_notes(total, parameter_count(model), keep_ratio, None)
+    try:
+        macs, dense = _macs(model, example)
+    except Exception as e:  # the report must not stop compression
+        return _kept_notes(total, parameter_count(model), keep_ratio,
+                           f"{type(e).__name__}: {e}")
+    return _kept_notes(total, parameter_count(model), keep_ratio,
+                       (macs, dense, list(example.shape[1:])))
+
+
+def _kept_notes(total: int, kept: int, keep_ratio: float | None,
+                flops: tuple[int, int, list[int]] | str | None) -> Notes:
+    """The line and facts of `kept_notes`; `flops` is (MACs kept, MACs dense, input
+    shape), the reason they were not measured, or None without data."""
     facts: dict[str, Any] = {"params_total": total, "params_kept": kept,
                              "params_kept_share": round(kept / total, 6)}
     if keep_ratio is not None:
@@ -191,18 +217,15 @@ def kept_notes(model: nn.Module, total: int, keep_ratio: float | None, data: Any
                 f"({kept / total:.4f})")
     else:
         line = f"alds kept {kept} of {total} parameters ({kept / total:.4f})"
-    example = _first_input(data)
-    if example is None:
+    if flops is None:
         line += "; FLOPs kept not measured (compress was given no data)"
+    elif isinstance(flops, str):
+        line += f"; FLOPs kept not measured ({flops})"
     else:
-        try:
-            macs, dense = _macs(model, example)
-        except Exception as e:  # the report must not stop compression
-            line += f"; FLOPs kept not measured ({type(e).__name__}: {e})"
-        else:
-            facts.update(macs_kept=macs, macs_dense=dense)
-            line += (f"; FLOPs kept {macs / max(dense, 1):.4f} ({macs} of {dense} "
-                     f"multiply-adds per input of shape {list(example.shape[1:])})")
+        macs, dense, shape = flops
+        facts.update(macs_kept=macs, macs_dense=dense)
+        line += (f"; FLOPs kept {macs / max(dense, 1):.4f} ({macs} of {dense} "
+                 f"multiply-adds per input of shape {shape})")
     target = f"keep_ratio {keep_ratio}" if keep_ratio is not None else None
     return Notes([line], facts, target)
 
@@ -230,14 +253,6 @@ def _macs(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
         return count_macs(model, x), count_macs(model, x, dense=True)
     finally:
         model.train(was_training)
-
-
-def flops(model: nn.Module, example: torch.Tensor) -> int:
-    """Multiply-accumulates of one forward pass on `example` over Conv2d/Linear layers
-    (factorised layers count both their encoder and decoder). For benchmarks."""
-    from .flops import count_macs
-
-    return count_macs(model, example)
 
 
 register_method(AldsMethod())

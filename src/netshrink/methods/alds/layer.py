@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ...layers import CompressedLayer, register_layer
-from ...size import Encoding
+from ...encoding import Encoding
+from ...layers import CompressedLayer, planned_spec, register_layer
 
 
 def fold(weight: torch.Tensor) -> torch.Tensor:
@@ -140,6 +140,13 @@ class LowRankLayer(CompressedLayer):
             return functional_call(host, params, (x,))
         finally:
             host.groups = original
+
+    @classmethod
+    def plan_spec(cls, module: nn.Module, groups: int, rank: int, factor_dtype: str
+                  ) -> dict[str, Any]:
+        """The spec of the layer that will factorise `module` at (groups, rank)."""
+        return planned_spec(cls.kind, module, 0, groups=int(groups), rank=int(rank),
+                            factor_dtype=factor_dtype)
 
     def stored_extra(self) -> dict[str, tuple[torch.Tensor, Encoding]]:
         enc = Encoding.of(self.factor_dtype)

@@ -45,12 +45,19 @@ from tqdm import tqdm
 
 from ...errors import ConfigError
 from ...graph import LayerRef, weight_layers
-from ...kmeans import kmeans
-from ...layers import PalettizedLayer, compressible, set_module, stored_modules
-from ...size import Budget, Option
-from .. import Method, Notes, register_method
-from ..kmeans import palette_layer_bits
-from .layer import DKMLayer, latent_rows, sixteen_bit
+from ...layers import compressible, set_module, stored_modules
+from ...palette import (
+    check_bit_range,
+    check_bits,
+    check_codebook_dtype,
+    cluster_rows,
+    palette_spec,
+    plan_bits,
+    scaled_rows,
+)
+from ...size import Budget
+from .. import Method, Notes, Plan, Request, register_method
+from .layer import DKMLayer, sixteen_bit
 from .soft import DEFAULT_CHUNK_ELEMENTS, dkm, naive_dkm
 
 __all__ = ["DKMConfig", "DKMLayer", "PAPER_TAU", "dkm", "finalize_model", "naive_dkm",
@@ -110,12 +117,9 @@ class DKMConfig:
     finalize: bool = True
 
     def __post_init__(self) -> None:
-        _check_bits(self.bits)
+        check_bits(self.bits)
         _check_dim(self.cluster_dim)
-        if not (isinstance(self.min_bits, int) and isinstance(self.max_bits, int)
-                and 1 <= self.min_bits <= self.max_bits <= 16):
-            raise ConfigError(f"need 1 <= min_bits <= max_bits <= 16, got "
-                              f"{self.min_bits}..{self.max_bits}")
+        check_bit_range(self.min_bits, self.max_bits)
         _tau_value(self.tau)
         if not self.tau_rel > 0:
             raise ConfigError(f"tau_rel must be > 0, got {self.tau_rel!r}")
@@ -132,16 +136,7 @@ class DKMConfig:
             raise ConfigError("unique=True (eDKM uniquification) needs cluster_dim=1")
         if self.init_iters < 0 or self.chunk_elements < 1:
             raise ConfigError("init_iters must be >= 0 and chunk_elements >= 1")
-        if self.codebook_dtype not in ("float16", "bfloat16", "float32"):
-            raise ConfigError(f"codebook_dtype must be float16, bfloat16 or float32, "
-                              f"got {self.codebook_dtype!r}")
-
-
-def _check_bits(bits: Any) -> None:
-    if bits is not None and not (isinstance(bits, int) and not isinstance(bits, bool)
-                                 and 1 <= bits <= 16):
-        raise ConfigError(f"bits must be an integer in 1..16 (k = 2^bits centroids), "
-                          f"got {bits!r}")
+        check_codebook_dtype(self.codebook_dtype)
 
 
 def _check_dim(d: Any) -> None:
@@ -183,52 +178,29 @@ class DKMMethod(Method):
             dims.append(d)
         return dims
 
-    def _bits_per_layer(self, layers: list[LayerRef], dims: list[int], budget: Budget,
-                        cfg: DKMConfig) -> list[int]:
-        fixed = [ref.option(cfg, "bits") for ref in layers]
-        for f in fixed:
-            _check_bits(f)
-        target = budget.target
-        if target.kind == "bits" and float(target.value).is_integer():
-            out = []
-            for ref, f, d in zip(layers, fixed, dims):
-                b = f if f is not None else int(target.value) * d
-                if not 1 <= b <= 16:
-                    raise ConfigError(f"layer {ref.name!r}: {target} with cluster_dim={d} "
-                                      f"needs {b} bits per vector; allowed 1..16")
-                out.append(b)
-            return out
-        counts_side = target.kind != "bits"
-        options: list[list[Option]] = []
-        for ref, f, d in zip(layers, fixed, dims):
-            lo, hi = (f, f) if f is not None else (ref.option(cfg, "min_bits"),
-                                                   ref.option(cfg, "max_bits"))
-            var = float(ref.module.weight.detach().float().var()) if ref.n_weights > 1 else 0.0
-            per_layer = []
-            for b in range(lo, hi + 1):
-                size = (palette_layer_bits(ref, b, d, ref.option(cfg, "per_channel"),
-                                           ref.option(cfg, "codebook_dtype"))
-                        if counts_side else b * ref.n_weights / d)
-                per_layer.append(Option(b, size, ref.n_weights * var * 2.0 ** (-2 * b / d)))
-            options.append(per_layer)
-        picks = budget.pick(options, "at the smallest allowed bit widths")
-        return [opts[i].label for opts, i in zip(options, picks)]
+    def plan(self, request: Request, survey: None, budget: Budget) -> Plan:
+        """b bits per d-vector for each layer (`palette.plan_bits`); the saved form is the
+        snapped palette. The temperatures come from the initial k-means (apply)."""
+        cfg = request.config
+        dims = self._layer_dims(request.layers, cfg)
+        bits = plan_bits(request.layers, dims, budget, cfg)
+        specs = {ref.name: palette_spec(ref, 2**b, d, ref.option(cfg, "per_channel"),
+                                        ref.option(cfg, "codebook_dtype"))
+                 for ref, d, b in zip(request.layers, dims, bits)}
+        return Plan(specs, expected=tau_notes([1.2345e-4, 6.789e-3], cfg))
 
-    def encode(self, model: nn.Module, layers: list[LayerRef], budget: Budget,
-               config: DKMConfig, *, data: Any = None, seed: int = 0) -> Notes:
+    def apply(self, model: nn.Module, plan: Plan, request: Request) -> Notes:
         """Make each layer a DKM layer (initial k-means); returns the temperatures and the
         iteration rule for the report (the per-layer rows keep b and d)."""
-        dims = self._layer_dims(layers, config)
-        bits = self._bits_per_layer(layers, dims, budget, config)
-        progress = tqdm(list(zip(layers, dims, bits)), desc="dkm init", unit="layer",
-                        disable=None, leave=False)
+        progress = tqdm(request.layers, desc="dkm init", unit="layer", disable=None,
+                        leave=False)
         taus: list[float] = []
-        for i, (ref, d, b) in enumerate(progress):
-            layer = make_layer(ref, b, d, config, seed + i)
-            logger.debug("%s: %d bits, d=%d, tau=%.3g", ref.name, b, d, layer.tau)
+        for i, ref in enumerate(progress):
+            layer = make_layer(ref, plan.layers[ref.name], request.config, request.seed + i)
+            logger.debug("%s: %s, tau=%.3g", ref.name, layer.extra_repr(), layer.tau)
             set_module(model, ref.name, layer)
             taus.append(layer.tau)
-        return tau_notes(taus, config)
+        return tau_notes(taus, request.config)
 
     def finalize(self, model: nn.Module, config: Any) -> None:
         """Snap every DKM layer to its nearest centroids: plain `PalettizedLayer`s
@@ -261,15 +233,14 @@ def finalize_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def make_layer(ref: LayerRef, bits: int, d: int, cfg: DKMConfig, seed: int) -> DKMLayer:
-    """A `DKMLayer` for one chosen layer: initial k-means, temperature, options."""
+def make_layer(ref: LayerRef, spec: dict[str, Any], cfg: DKMConfig, seed: int) -> DKMLayer:
+    """A `DKMLayer` for one chosen layer as `spec` (a palette spec) plans it: initial
+    k-means of its (scaled) vectors, temperature, options."""
     module = ref.module
-    per_channel = ref.option(cfg, "per_channel")
-    dtype = ref.option(cfg, "codebook_dtype")
-    rows, scale = latent_rows(module, ref.out_axis, per_channel, dtype)
-    points = rows.reshape(-1, d).cpu()
-    init = "kmeans++" if bits <= 10 else "random"
-    result = kmeans(points, 2**bits, iters=cfg.init_iters, seed=seed, init=init)
+    k, d, dtype = int(spec["k"]), int(spec["d"]), str(spec["codebook_dtype"])
+    rows, scale = scaled_rows(module, ref.out_axis, bool(spec["scale"]), dtype)
+    result = cluster_rows(rows, k, d, seed=seed, init="kmeans++", iters=cfg.init_iters)
+    points = rows.reshape(-1, d)
     tau = _tau_value(ref.option(cfg, "tau"))
     if tau is None:
         distortion = result.inertia / points.shape[0]
@@ -321,17 +292,6 @@ def soft_weights(model: nn.Module) -> Iterator[None]:
     finally:
         for m, flag in zip(layers, saved):
             m.soft_eval = flag
-
-
-def dkm_layers(model: nn.Module) -> list[tuple[str, DKMLayer]]:
-    """(name, layer) of every DKM layer still in training form."""
-    return [(n, m) for n, m in stored_modules(model) if isinstance(m, DKMLayer)]
-
-
-def is_final(model: nn.Module) -> bool:
-    """True when every palette layer is a plain `PalettizedLayer` (after finalize)."""
-    return all(type(m) is PalettizedLayer for _, m in stored_modules(model)
-               if isinstance(m, PalettizedLayer))
 
 
 register_method(DKMMethod())

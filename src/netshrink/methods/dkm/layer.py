@@ -23,13 +23,7 @@ import torch
 from torch import nn
 
 from ...kmeans import assign
-from ...layers import (
-    PalettizedLayer,
-    call_with_weight,
-    channel_scales,
-    rows_to_weight,
-    weight_rows,
-)
+from ...layers import PalettizedLayer, call_with_weight, rows_to_weight
 from .soft import DEFAULT_CHUNK_ELEMENTS, dkm
 
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
@@ -122,17 +116,6 @@ class DKMLayer(PalettizedLayer):
     def extra_repr(self) -> str:
         k, d = self.codebook.shape
         return f"{super().extra_repr()}, k={k}, d={d}, tau={self.tau:.3g}"
-
-
-def latent_rows(module: nn.Module, out_axis: int, per_channel: bool, codebook_dtype: str
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(latent rows (out, row_len) fp32, scale or None): the weight as rows, divided by the
-    per-channel scale rounded to its storage dtype (`layers.channel_scales`)."""
-    rows = weight_rows(module.weight.detach().float(), out_axis)
-    if not per_channel:
-        return rows, None
-    scale, normalised = channel_scales(rows, codebook_dtype)
-    return normalised, scale
 
 
 def sixteen_bit(module: nn.Module) -> bool:

@@ -12,7 +12,7 @@
 4. Fine-tuning through `compress(..., finetune=...)`: codes are buffers (frozen); codebooks,
    BatchNorm, biases and dense layers train. `official_finetune()` is the paper's recipe.
 
-Sizes (`_plan`): `block="small"` / `"large"` fix d per layer kind as in the paper's
+Sizes (`plan.py`): `block="small"` / `"large"` fix d per layer kind as in the paper's
 settings (3x3: 9 / 18; 1x1: 4 / 8; classifier: 4); the target then picks k per layer (at
 most `k`, `k_fc` for the classifier) with `size.allocate`; `block="auto"` lets the target
 pick d too. The planner's distortion estimate is the Gaussian rate-distortion bound the
@@ -34,33 +34,34 @@ convention; `netshrink_info["facts"]` has "permutation" (counts) and "paper_size
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-import torch
 from torch import nn
 from tqdm import tqdm
 
 from ...errors import ConfigError
 from ...graph import LayerRef, weight_layers
-from ...kmeans import kmeans
-from ...layers import (
-    PalettizedLayer,
-    channel_scales,
-    compressed_layers,
-    compressible,
-    set_module,
-    weight_rows,
-)
-from ...size import Budget, Encoding, Option, ceil_log2, format_bytes, palette_bits
+from ...layers import compressible, set_module
+from ...palette import check_codebook_dtype, fit_palette, palette_spec
+from ...size import Budget, format_bytes
 from ...train import Finetune
-from .. import Method, Notes, register_method
-from .groups import analyse
-from .permute import PermutationReport, apply_permutation, permute_model
+from .. import Method, Notes, Plan, Request, register_method
+from .groups import Analysis, analyse
+from .permute import PermutationReport, permute_model, scorable
+from .plan import (
+    Choice,
+    classifier_name,
+    is_depthwise,
+    layer_options,
+    paper_size_bits,
+    plan_of,
+    stem_name,
+)
+
+__all__ = ["Choice", "PQFConfig", "PQFMethod", "is_depthwise", "official_finetune",
+           "paper_size_bits", "plan_of", "search_again"]
 
 logger = logging.getLogger(__name__)
 
@@ -112,9 +113,7 @@ class PQFConfig:
                 raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
         if not isinstance(self.min_points_per_code, int) or self.min_points_per_code < 1:
             raise ConfigError("min_points_per_code must be an integer >= 1")
-        if self.codebook_dtype not in ("float16", "bfloat16", "float32"):
-            raise ConfigError(f"codebook_dtype must be float16, bfloat16 or float32, "
-                              f"got {self.codebook_dtype!r}")
+        check_codebook_dtype(self.codebook_dtype)
 
 
 def official_finetune(epochs: int = 9, batch_size: int | None = 128, distill: bool = False,
@@ -129,203 +128,25 @@ def official_finetune(epochs: int = 9, batch_size: int | None = 128, distill: bo
     return Finetune(**settings)
 
 
-# ---------------------------------------------------------------------------------------
-# Planning: one choice per layer
+@dataclass
+class _Survey:
+    """What `PQFMethod.survey` measures once: every layer's options, the stem kept dense,
+    and the channel groups (None when `permute=False`)."""
 
-
-@dataclass(frozen=True)
-class Choice:
-    """How one layer is stored: dense, or product-quantized with (d, k, scale)."""
-
-    d: int = 0
-    k: int = 0
-    scale: bool = False
-
-    @property
-    def dense(self) -> bool:
-        return self.d == 0
-
-    def __str__(self) -> str:
-        return "dense" if self.dense else (f"d={self.d} k={self.k}"
-                                           + (" scaled" if self.scale else ""))
-
-
-def _kernel(module: nn.Module) -> int:
-    w = module.weight
-    return int(np.prod(w.shape[2:])) if w.dim() > 2 else 1
-
-
-def is_depthwise(module: nn.Module) -> bool:
-    return (isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1
-            and module.groups == module.in_channels == module.out_channels)
-
-
-def _d_candidates(ref: LayerRef, cfg: PQFConfig, classifier: bool) -> list[int]:
-    """Subvector lengths allowed for a layer (each divides its rows)."""
-    rows = ref.module.weight.shape[ref.out_axis]
-    row_len = ref.n_weights // rows
-    fixed = ref.option(cfg, "d")
-    k2 = _kernel(ref.module)
-    if fixed is not None:
-        if row_len % fixed:
-            raise ConfigError(f"layer {ref.name}: d={fixed} does not divide its rows of "
-                              f"{row_len}")
-        return [fixed]
-    if is_depthwise(ref.module):
-        cands = [k2, int(ref.module.kernel_size[-1])]
-    elif classifier:
-        cands = [4]
-    elif cfg.block == "auto":
-        cands = [1, 2, 4, 8] + ([k2 // 3, k2, 2 * k2] if k2 > 1 else [])
-    elif k2 > 1:
-        cands = [k2 if cfg.block == "small" else 2 * k2]
-    else:
-        cands = [4 if cfg.block == "small" else 8]
-    ok = sorted({d for d in cands if d >= 1 and row_len % d == 0})
-    if not ok:  # e.g. 1x1 with an odd number of inputs: largest divisor below the preset
-        ok = [max(d for d in range(1, min(cands) + 1) if row_len % d == 0)]
-    return ok
-
-
-def _sigma_eff(x: torch.Tensor) -> float:
-    """det(Sigma)^(1/d) of the subvectors x (n, d): the Gaussian bound's effective variance
-    (eigenvalues floored at 1e-12 of the largest, so dead channels stay finite)."""
-    if x.shape[0] < 2:
-        return float(x.pow(2).mean()) if x.numel() else 0.0
-    xc = x.double() - x.double().mean(0)
-    cov = xc.T @ xc / (x.shape[0] - 1)
-    ev = torch.linalg.eigvalsh(cov).clamp_min(0)
-    top = float(ev.max())
-    if top <= 0:
-        return 0.0
-    return float(torch.exp(torch.log(ev.clamp_min(top * 1e-12)).mean()))
-
-
-def _options(ref: LayerRef, cfg: PQFConfig, classifier: bool, counts_side: bool,
-             dense: bool = False) -> list[tuple[Choice, Option]]:
-    module = ref.module
-    if dense:
-        return [(Choice(), Option(0, Encoding.of(module.weight.dtype).nbits(ref.n_weights)
-                                  if counts_side else 32 * ref.n_weights, 0.0))]
-    dtype = ref.option(cfg, "codebook_dtype")
-    w = module.weight.detach().float().cpu()
-    rows = weight_rows(w, ref.out_axis)
-    depthwise = is_depthwise(module)
-    mode = ref.option(cfg, "depthwise") if depthwise else None
-    scale = True if depthwise else bool(ref.option(cfg, "scale"))
-    out: list[tuple[Choice, Option]] = []
-    if mode in ("auto", "dense"):
-        out.append((Choice(), Option(0, Encoding.of(module.weight.dtype).nbits(ref.n_weights),
-                                     0.0)))
-    if mode == "dense":
-        return out
-    if scale:
-        s, normed = channel_scales(rows, dtype)
-        weight_sq = float(s.pow(2).sum()) * rows.shape[1]
-    else:
-        normed, weight_sq = rows, float(rows.shape[0] * rows.shape[1])
-    k_max = ref.option(cfg, "k_fc" if classifier else "k")
-    for d in _d_candidates(ref, cfg, classifier):
-        subs = normed.reshape(-1, d)
-        n_sub = subs.shape[0]
-        sigma = _sigma_eff(subs)
-        k_cap = max(2, min(k_max, 2 ** int(math.floor(math.log2(
-            max(n_sub / ref.option(cfg, "min_points_per_code"), 2))))))
-        for bits in range(1, ceil_log2(k_cap) + 1):
-            k = 2**bits
-            if counts_side:
-                size = palette_bits(n_sub, bits, d, rows.shape[0] if scale else 0, dtype)
-            else:
-                size = bits * n_sub
-            # weight_sq = sum over rows of scale^2 * row length (n_weights without scales),
-            # so the estimate is in the units of the original weights
-            distortion = weight_sq * sigma * k ** (-2.0 / d)
-            out.append((Choice(d, k, scale), Option(len(out), size, distortion)))
-    return out
-
-
-def stem_name(model: nn.Module) -> str | None:
-    """The first weight layer in module order: PQF leaves it dense."""
-    layers = weight_layers(model)
-    return layers[0][0] if layers else None
-
-
-def classifier_name(model: nn.Module) -> str | None:
-    """The last nn.Linear in module order: the paper gives it a larger codebook."""
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    return names[-1] if names else None
-
-
-def plan(model: nn.Module, layers: list[LayerRef], budget: Budget, cfg: PQFConfig
-         ) -> dict[str, Choice]:
-    """One `Choice` per layer: least estimated distortion under the budget."""
-    fc = classifier_name(model)
-    stem = stem_name(model) if cfg.keep_stem else None
-    counts_side = budget.target.kind != "bits"
-    per_layer = [_options(ref, cfg, ref.name == fc, counts_side,
-                          dense=ref.name == stem and not ref.options) for ref in layers]
-    options = [[o for _, o in opts] for opts in per_layer]
-    picks = budget.pick(options, "with the smallest codebooks")
-    return {ref.name: opts[i][0] for ref, opts, i in zip(layers, per_layer, picks)}
-
-
-# ---------------------------------------------------------------------------------------
-# Quantization
-
-
-def product_quantize(module: nn.Module, choice: Choice, *, out_axis: int = 0,
-                     anneal: int = 20, iters: int = 20, seed: int = 0,
-                     codebook_dtype: str = "float16") -> PalettizedLayer:
-    """PQ of one module's weight (the module becomes the layer's host): rows cut into
-    d-subvectors, k codewords from SR-C annealed k-means (random init, as the official code)
-    or plain Lloyd (anneal=0); optional per-row scale first (rounded to its dtype)."""
-    rows = weight_rows(module.weight.detach().float().cpu(), out_axis)
-    scale = None
-    if choice.scale:
-        scale, rows = channel_scales(rows, codebook_dtype)
-    subs = rows.reshape(-1, choice.d)
-    result = kmeans(subs, choice.k, iters=iters, seed=seed, init="random", anneal=anneal)
-    device = module.weight.device
-    codes = result.labels.reshape(rows.shape[0], -1)
-    return PalettizedLayer(module, codes.to(device), result.centroids.to(device),
-                           None if scale is None else scale.to(device), codebook_dtype,
-                           out_axis)
-
-
-def paper_size_bits(model: nn.Module) -> int:
-    """Size in the paper's convention (METHODS.md, PQF, "Size as the paper counts it"):
-    codes at log2(k) bits, codebooks fp16, every other tensor fp32, BatchNorm counted as
-    two vectors (running statistics folded), integer buffers not counted. Works for the
-    original model too (then every weight is fp32)."""
-    total = 0
-    skip: set[str] = set()
-    for name, m in model.named_modules():
-        if isinstance(m, PalettizedLayer):
-            k, d = m.codebook.shape
-            total += m.codes.numel() * ceil_log2(k) + 16 * k * d
-            total += 32 * sum(t.numel() for n, t in m.host_state().items())
-            if m.scale is not None:
-                total += 32 * m.scale.numel()
-            skip.add(name + ".")
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-            total += 2 * 32 * m.num_features
-            skip.add(name + ".")
-    for key, t in model.state_dict().items():
-        if key.startswith(tuple(skip)) or not t.is_floating_point():
-            continue
-        total += 32 * t.numel()
-    return total
+    options: list[list[tuple[Choice, Any]]]
+    stem: str | None
+    analysis: Analysis | None
+    fp32_paper_bits: int
 
 
 @dataclass
-class _PermCache:
-    key: str = ""
-    perms: list[tuple[int, np.ndarray]] = field(default_factory=list)
-    report: PermutationReport | None = None
+class _Detail:
+    """The plan's choices and what apply needs to report them."""
 
-
-_PLAN_ATTR = "_pqf_plan"
-"""Attribute of the model being compressed that carries `prepare`'s plan to `encode`."""
+    choices: dict[str, Choice]
+    stem: str | None
+    analysis: Analysis | None
+    unused: Notes | None
 
 
 class PQFMethod(Method):
@@ -333,112 +154,96 @@ class PQFMethod(Method):
     config_cls = PQFConfig
     summary = "Permute, Quantize, and Fine-tune: product quantization after a channel permutation"
 
-    def __init__(self) -> None:
-        # a memo of the last permutation search, keyed by the weights, d's, iters and seed
-        # (compress plans up to three times; the search is the slow part)
-        self._cache = _PermCache()
-
     def supports(self, module: nn.Module) -> str | None:
         reason = compressible(module)
         if reason is None and isinstance(module, nn.Embedding):
             return "embeddings are not part of PQF (convs and linears only)"
         return reason
 
-    def prepare(self, model: nn.Module, layers: list[LayerRef], budget: Budget,
-                config: PQFConfig, *, data: Any = None, seed: int = 0) -> Notes:
-        """Plan sizes, then permute the model's channel groups (in place, same function) for
-        the planned subvector lengths. The plan is made on the weights as given and handed
-        to `encode` on the model being compressed (not on this shared instance), so that
-        permuting or not compares the same (d, k) per layer. Returns the permutation's
-        outcome for the report."""
-        choices = plan(model, layers, budget, config)
-        setattr(model, _PLAN_ATTR, ([r.name for r in layers], choices))
-        if not config.permute:
+    def survey(self, request: Request) -> _Survey:
+        """Each layer's options (sizes and estimated distortion of every (d, k)) on the
+        weights as given, and the model's channel groups for the permutation."""
+        cfg, model = request.config, request.model
+        fc = classifier_name(model)
+        stem = stem_name(model) if cfg.keep_stem else None
+        options = [layer_options(ref, cfg, ref.name == fc,
+                                 dense=ref.name == stem and not ref.options)
+                   for ref in tqdm(request.layers, desc="pqf plan", unit="layer",
+                                   disable=None, leave=False)]
+        analysis = analyse(model) if cfg.permute else None
+        return _Survey(options, stem, analysis, paper_size_bits(model))
+
+    def plan(self, request: Request, survey: _Survey, budget: Budget) -> Plan:
+        """One `Choice` per layer: least estimated distortion under the budget. The plan is
+        made on the weights as given (before the permutation), so that permuting or not
+        compares the same (d, k) per layer."""
+        cfg = request.config
+        picks = budget.pick([[o for _, o in opts] for opts in survey.options],
+                            "with the smallest codebooks")
+        choices = {ref.name: opts[i][0]
+                   for ref, opts, i in zip(request.layers, survey.options, picks)}
+        specs = {ref.name: palette_spec(ref, c.k, c.d, c.scale,
+                                        ref.option(cfg, "codebook_dtype"))
+                 for ref in request.layers if not (c := choices[ref.name]).dense}
+        detail = _Detail(choices, survey.stem, survey.analysis,
+                         _unused_budget(request.layers, survey.options, picks, budget, cfg))
+        expected = Notes().add(_expected_permutation(detail, cfg))
+        fp32 = survey.fp32_paper_bits  # the compressed size, a placeholder of its magnitude
+        expected.add(plan_notes(request.layers, detail, cfg, fp32 // 17 + 12345, fp32))
+        return Plan(specs, expected=expected, detail=detail)
+
+    def prepare(self, model: nn.Module, plan: Plan, request: Request) -> Notes:
+        """Permute the model's channel groups (in place, same function) for the planned
+        subvector lengths; returns the permutation's outcome for the report."""
+        cfg = request.config
+        if not cfg.permute:
             return Notes(["pqf permutation: off (permute=False)"])
-        dims = {name: c.d for name, c in choices.items() if not c.dense}
-        key = _cache_key(model, dims, config, seed)
-        if key == self._cache.key and self._cache.report is not None:
-            analysis = analyse(model)
-            for index, perm in self._cache.perms:
-                apply_permutation(analysis.groups[index], perm)
-            return permutation_notes(self._cache.report)
-        report = permute_model(model, dims, iters=config.permute_iters, seed=seed)
+        report = permute_model(model, _dims(plan.detail), iters=cfg.permute_iters,
+                               seed=request.seed, analysis=plan.detail.analysis)
         if not report.traced:
             logger.warning("pqf: %s; quantizing without it", report.summary())
-        self._cache = _PermCache(key, [(g.index, g.perm) for g in report.groups], report)
         return permutation_notes(report)
 
-    def encode(self, model: nn.Module, layers: list[LayerRef], budget: Budget,
-               config: PQFConfig, *, data: Any = None, seed: int = 0) -> Notes:
+    def apply(self, model: nn.Module, plan: Plan, request: Request) -> Notes:
         """Product-quantize every planned layer; returns the plan (depthwise choices,
         layers kept dense and why) and the paper-convention size for the report."""
-        planned = model.__dict__.pop(_PLAN_ATTR, None)
-        if planned is not None and planned[0] == [r.name for r in layers]:
-            choices = planned[1]
-        else:
-            choices = plan(model, layers, budget, config)
+        cfg, detail = request.config, plan.detail
         fp32_paper = paper_size_bits(model)
-        unused = _unused_budget(layers, choices, budget, config)  # before the weights move
-        stem = stem_name(model) if config.keep_stem else None
-        progress = tqdm(layers, desc="pqf", unit="layer", disable=None, leave=False)
+        progress = tqdm(request.layers, desc="pqf", unit="layer", disable=None, leave=False)
         for i, ref in enumerate(progress):
-            choice = choices[ref.name]
-            if choice.dense:
-                logger.info("pqf: %s kept dense (%s)", ref.name, _dense_reason(ref, stem))
+            spec = plan.layers.get(ref.name)
+            if spec is None:
+                logger.info("pqf: %s kept dense (%s)", ref.name, _dense_reason(ref, detail.stem))
                 continue
-            layer = product_quantize(ref.module, choice, out_axis=ref.out_axis,
-                                     anneal=config.anneal, iters=config.iters, seed=seed + i,
-                                     codebook_dtype=ref.option(config, "codebook_dtype"))
+            layer = fit_palette(ref.module, spec, seed=request.seed + i, init="random",
+                                iters=cfg.iters, anneal=cfg.anneal)
             set_module(model, ref.name, layer)
-        notes = plan_notes(layers, choices, config, stem, paper_size_bits(model), fp32_paper)
-        return notes.add(unused)
-
-    def finalize(self, model: nn.Module, config: Any) -> None:
-        super().finalize(model, config)
-        _finalize_note(model)
+        if detail.unused is not None:
+            logger.warning("%s", detail.unused.lines[0])
+        notes = plan_notes(request.layers, detail, cfg, paper_size_bits(model), fp32_paper)
+        return notes.add(detail.unused)
 
 
-def _choice_bits(ref: LayerRef, choice: Choice, cfg: PQFConfig) -> int:
-    """Stored bits of one planned layer except its bias (as `_options` counts them)."""
-    if choice.dense:
-        return Encoding.of(ref.module.weight.dtype).nbits(ref.n_weights)
-    rows = ref.module.weight.shape[ref.out_axis] if choice.scale else 0
-    return palette_bits(ref.n_weights // choice.d, ceil_log2(choice.k), choice.d, rows,
-                        ref.option(cfg, "codebook_dtype"))
+def _dims(detail: _Detail) -> dict[str, int]:
+    return {name: c.d for name, c in detail.choices.items() if not c.dense}
 
 
-def _unused_budget(layers: list[LayerRef], choices: dict[str, Choice], budget: Budget,
-                   cfg: PQFConfig) -> Notes | None:
-    """A note (and a warning) when a size or ratio target is far from used: with d fixed by
-    `block`, the largest codebooks (k <= `k`) store less than the target allows, so the
-    file comes out smaller (and coarser) than asked."""
+def _unused_budget(layers: list[LayerRef], options: list[list[tuple[Choice, Any]]],
+                   picks: list[int], budget: Budget, cfg: PQFConfig) -> Notes | None:
+    """A note when a size or ratio target is far from used: with d fixed by `block`, the
+    largest codebooks (k <= `k`) store less than the target allows, so the file comes out
+    smaller (and coarser) than asked."""
     if budget.target.kind == "bits":
         return None
-    used, available = sum(_choice_bits(r, choices[r.name], cfg) for r in layers), \
-        budget.layer_bits()
+    used = sum(opts[i][1].stored_bits for opts, i in zip(options, picks))
+    available = budget.available()
     if used >= 0.9 * available:
         return None
     line = (f"pqf: the layers use {format_bytes(used / 8)} of the "
             f"{format_bytes(available / 8)} the target leaves them: the largest codebooks "
             f"(k <= {cfg.k}, d from block={cfg.block!r}) are smaller than the target; "
             "block='auto' lets d shrink to use more")
-    logger.warning("%s", line)
     return Notes([line], {"layer_bits_used": used, "layer_bits_available": int(available)})
-
-
-def plan_of(model: nn.Module, layers: list[str]) -> dict[str, Choice]:
-    """The `Choice` each of `layers` got, read from the compressed model (for tests and
-    benchmarks): a PalettizedLayer's codebook is (k, d); any other layer is dense."""
-    compressed = dict(compressed_layers(model))
-    out = {}
-    for name in layers:
-        layer = compressed.get(name)
-        if isinstance(layer, PalettizedLayer):
-            k, d = layer.codebook.shape
-            out[name] = Choice(int(d), int(k), layer.scale is not None)
-        else:
-            out[name] = Choice()
-    return out
 
 
 def search_again(model: nn.Module, small: nn.Module) -> PermutationReport:
@@ -462,25 +267,42 @@ def permutation_notes(report: PermutationReport) -> Notes:
     and the ops where channels could not be followed (their channels keep their order, i.e.
     fall back to no permutation; the model's input and output always do), or that the
     model could not be traced at all."""
-    facts: dict[str, Any] = {"traced": report.traced, "groups": len(report.groups),
-                             "logdet_drop": round(report.improvement, 4),
-                             "not_permuted": len(report.blocked)}
-    if not report.traced:
-        return Notes([f"pqf permutation: none, the model cannot be traced ({report.reason}); "
+    return _permutation_notes(report.traced, report.reason, len(report.groups),
+                              report.improvement, report.blocked)
+
+
+def _permutation_notes(traced: bool, reason: str, groups: int, improvement: float,
+                       blocked: list[str]) -> Notes:
+    facts: dict[str, Any] = {"traced": traced, "groups": groups,
+                             "logdet_drop": round(improvement, 4),
+                             "not_permuted": len(blocked)}
+    if not traced:
+        return Notes([f"pqf permutation: none, the model cannot be traced ({reason}); "
                       "quantized without permutation"], {"permutation": facts})
-    line = (f"pqf permutation: {len(report.groups)} channel groups, log det "
-            f"-{report.improvement:.2f} nats")
-    if report.blocked:
-        line += "; not permuted at " + "; ".join(report.blocked)
+    line = f"pqf permutation: {groups} channel groups, log det -{improvement:.2f} nats"
+    if blocked:
+        line += "; not permuted at " + "; ".join(blocked)
     return Notes([line], {"permutation": facts})
 
 
-def plan_notes(layers: list[LayerRef], choices: dict[str, Choice], cfg: PQFConfig,
-               stem: str | None, paper_bits: int, fp32_paper_bits: int) -> Notes:
+def _expected_permutation(detail: _Detail, cfg: PQFConfig) -> Notes:
+    """The permutation note `prepare` will return, with a placeholder log-det drop: the
+    groups it will search are those with a reader the plan quantizes."""
+    if detail.analysis is None:
+        return Notes(["pqf permutation: off (permute=False)"])
+    a, dims = detail.analysis, _dims(detail)
+    searched = sum(any(scorable(m, g.size, dims.get(m.name)) for m in g.readers())
+                   for g in a.groups)
+    return _permutation_notes(a.traced, a.reason, searched, 12.3456, a.blocked)
+
+
+def plan_notes(layers: list[LayerRef], detail: _Detail, cfg: PQFConfig, paper_bits: int,
+               fp32_paper_bits: int) -> Notes:
     """The plan for the report: each depthwise conv's choice (and whether the size
     planner or `depthwise=` made it), the layers kept dense and why, and the size in the
     paper's convention."""
     lines = []
+    choices = detail.choices
     depthwise = [ref for ref in layers if is_depthwise(ref.module)]
     dw_names = {ref.name for ref in depthwise}
     if depthwise:
@@ -492,26 +314,11 @@ def plan_notes(layers: list[LayerRef], choices: dict[str, Choice], cfg: PQFConfi
     dense = [ref for ref in layers if choices[ref.name].dense and ref.name not in dw_names]
     if dense:
         lines.append("pqf kept dense: " + ", ".join(
-            f"{ref.name} ({_dense_reason(ref, stem)})" for ref in dense))
+            f"{ref.name} ({_dense_reason(ref, detail.stem)})" for ref in dense))
     lines.append(f"pqf size as the paper counts it (other tensors fp32, BN folded to two "
                  f"vectors): {format_bytes(paper_bits / 8)}, "
                  f"x{fp32_paper_bits / max(paper_bits, 1):.2f} of fp32")
     return Notes(lines, {"paper_size_bits": paper_bits, "paper_fp32_bits": fp32_paper_bits})
-
-
-def _finalize_note(model: nn.Module) -> None:
-    logger.info("pqf: size in the paper's convention (codes, fp16 codebooks, other tensors "
-                "fp32, BatchNorm as two vectors): %s", format_bytes(paper_size_bits(model) / 8))
-
-
-def _cache_key(model: nn.Module, dims: dict[str, int], cfg: PQFConfig, seed: int) -> str:
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-                 if t.numel() else b"")
-    h.update(repr((sorted(dims.items()), cfg.permute_iters, seed)).encode())
-    return h.hexdigest()
 
 
 register_method(PQFMethod())

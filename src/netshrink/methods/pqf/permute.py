@@ -284,10 +284,12 @@ class PermutationReport:
 
 
 def permute_model(model: nn.Module, dims: dict[str, int], iters: int = 10_000,
-                  seed: int = 0) -> PermutationReport:
-    """Find the model's groups, search a permutation for each, apply them in place."""
+                  seed: int = 0, analysis: Analysis | None = None) -> PermutationReport:
+    """Find the model's groups (or take `analysis`, made by `analyse(model)` on this very
+    model), search a permutation for each, apply them in place."""
     start = time.perf_counter()
-    analysis: Analysis = analyse(model)
+    if analysis is None:
+        analysis = analyse(model)
     results = []
     for gi, group in enumerate(tqdm(analysis.groups, desc="pqf permute", unit="group",
                                     disable=None, leave=False)):

@@ -40,11 +40,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...encoding import Encoding
 from ...errors import ConfigError, InfeasibleTargetError
 from ...graph import LayerRef
 from ...layers import compressible, set_module
-from ...size import DTYPE_BITS, Budget, Encoding, format_bytes
-from .. import Method, Notes, register_method
+from ...size import Budget, format_bytes
+from .. import Method, Notes, Plan, Request, register_method
 from .layers import HashBank, HashedLayer, he_fan_out_std, side
 
 __all__ = ["HashBank", "HashedLayer", "SMHConfig", "SMHMethod", "plan_rank", "tiling"]
@@ -52,7 +53,6 @@ __all__ = ["HashBank", "HashedLayer", "SMHConfig", "SMHMethod", "plan_rank", "ti
 logger = logging.getLogger(__name__)
 
 _INITS = ("svd", "random")
-_ALPHA_BITS = 32
 
 
 @dataclass(frozen=True)
@@ -104,11 +104,13 @@ def _bias_bits(layers: list[LayerRef]) -> int:
 
 
 def plan_rank(layers: list[LayerRef], budget: Budget, config: SMHConfig) -> tuple[int, int]:
-    """(n, M) for these layers under the budget (§3.2); InfeasibleTargetError when not
-    even M = 1 fits."""
+    """(n, M) for these layers under the budget (§3.2): `rank` or `variables` when given,
+    else the largest M whose U and V (plus one scale per layer, less the biases now tiled)
+    cost no more than the budget allows (`Budget.cost`: everything for a size or ratio
+    target, U and V alone for a bits target). M is capped at n."""
     n_values = sum(size for _, _, size in tiling(layers))
     n = side(n_values)
-    var_bits = DTYPE_BITS[config.dtype]
+    var_bits = Encoding.of(config.dtype).bits
     if config.rank is not None:
         rank = int(config.rank)
     elif config.variables is not None:
@@ -117,24 +119,14 @@ def plan_rank(layers: list[LayerRef], budget: Budget, config: SMHConfig) -> tupl
             raise InfeasibleTargetError(
                 f"variables={config.variables} is below the smallest SMH budget for these "
                 f"layers: 2n = {2 * n} variables (M = 1, n = {n}, N = {n_values} values)")
-    elif budget.target.kind == "bits":
-        rank = math.floor(budget.target.value * budget.n_weights / (2 * n * var_bits))
-        if rank < 1:
-            raise ConfigError(
-                f"target {budget.target} is below the smallest SMH budget: M = 1 takes "
-                f"{2 * n * var_bits / budget.n_weights:.3f} bits per weight (n = {n})")
     else:
-        side_bits = _ALPHA_BITS * len(layers) - _bias_bits(layers)
-        available = budget.layer_bits() - side_bits
-        rank = math.floor(available / (2 * n * var_bits))
+        side_bits = HashedLayer.ALPHA.nbits(1) * len(layers) - _bias_bits(layers)
+        per_rank = 2 * n * var_bits
+        rank = math.floor((budget.available() - budget.cost(side_bits, 0)) / per_rank)
         if rank < 1:
-            raise budget.infeasible(2 * n * var_bits + side_bits,
+            raise budget.infeasible(budget.cost(per_rank + side_bits, per_rank),
                                     f"with SMH at M = 1 (n = {n}, U and V at {config.dtype})")
-    if rank > n:
-        logger.warning("smh: the budget allows M = %d > n = %d; using M = n (more variables "
-                       "than values: nothing is saved on the covered layers)", rank, n)
-        rank = n
-    return n, rank
+    return n, min(rank, n)
 
 
 def tiled_matrix(layers: list[LayerRef], n: int, scales: list[float]) -> torch.Tensor:
@@ -161,59 +153,86 @@ class SMHMethod(Method):
     def supports(self, module: nn.Module) -> str | None:
         return compressible(module)
 
-    def encode(self, model: nn.Module, layers: list[LayerRef], budget: Budget,
-               config: SMHConfig, *, data: Any = None, seed: int = 0) -> Notes:
-        """Tile the layers into one bank and replace them by hashed layers; returns the
-        bank's shape and expansion cost for the report."""
-        if hasattr(model, config.bank_name):
-            raise ConfigError(f"the model already has an attribute {config.bank_name!r}: "
-                              "choose another bank_name")
+    def plan(self, request: Request, survey: None, budget: Budget) -> Plan:
+        """M from the budget; every chosen layer becomes a slice of one bank, which is held
+        by the first chosen layer (`bank_name` under it): not by the model's root, whose
+        forward may call every child (nn.Sequential)."""
+        layers, config = request.layers, request.config
+        first = layers[0]
+        if hasattr(first.module, config.bank_name):
+            raise ConfigError(f"layer {first.name!r} already has an attribute "
+                              f"{config.bank_name!r}: choose another bank_name")
         n, rank = plan_rank(layers, budget, config)
         order = tiling(layers)
-        scales = [he_fan_out_std(tuple(r.module.weight.shape), r.out_axis) for r in layers]
-        bank = HashBank(n, rank, order, config.dtype, config.cache)
+        bank_path = f"{first.name}.{config.bank_name}"
+        specs = {ref.name: HashedLayer.plan_spec(
+                     ref.module, offset, he_fan_out_std(tuple(ref.module.weight.shape),
+                                                        ref.out_axis), bank_path, ref.out_axis)
+                 for ref, (_, offset, _) in zip(layers, order)}
+        bank = HashBank.plan_spec(n, rank, order, config.dtype, config.cache)
+        return Plan(specs, {bank_path: bank}, notes=bank_notes(bank), detail=bank_path)
+
+    def apply(self, model: nn.Module, plan: Plan, request: Request) -> None:
+        """Tile the layers into one bank (random or SVD start) and replace them by hashed
+        layers."""
+        layers, config = request.layers, request.config
+        bank_path = plan.detail
+        spec = plan.attached[bank_path]
+        if spec["rank"] == spec["n"]:
+            logger.warning("smh: M = n = %d (the budget or rank allows at least as many "
+                           "variables as values: nothing is saved on the covered layers)",
+                           spec["n"])
+        bank = HashBank.from_spec(spec)
+        order = [tuple(x) for x in spec["layers"]]
+        scales = [plan.layers[ref.name]["he_std"] for ref in layers]
         if config.init == "random":
-            bank.init_random(torch.Generator().manual_seed(seed))
+            bank.init_random(torch.Generator().manual_seed(request.seed))
         else:
-            bank.init_svd(tiled_matrix(layers, n, scales))
-        weight = layers[0].module.weight
-        bank.to(weight.device)
-        setattr(model, config.bank_name, bank)
+            bank.init_svd(tiled_matrix(layers, bank.n, scales))
+        device = layers[0].module.weight.device
+        bank.to(device)
+        hashed = []
         for ref, (_, offset, _), scale in zip(layers, order, scales):
-            layer = HashedLayer(ref.module, offset, scale, config.bank_name, ref.out_axis)
-            layer.to(weight.device)
-            layer.link(model)
+            layer = HashedLayer(ref.module, offset, scale, bank_path, ref.out_axis)
+            layer.to(device)
             set_module(model, ref.name, layer)
+            hashed.append(layer)
+        set_module(model, bank_path, bank)
+        for layer in hashed:
+            layer.link(model)
         logger.info("smh: %d values (%d layers) tiled into %d x %d; M = %d, %d variables "
-                    "(%.1fx fewer than the covered values)", bank.n_values, len(layers), n,
-                    n, rank, bank.variables(), bank.n_values / bank.variables())
-        return bank_notes(bank)
+                    "(%.1fx fewer than the covered values)", bank.n_values, len(layers),
+                    bank.n, bank.n, bank.rank, bank.variables(),
+                    bank.n_values / bank.variables())
 
 
-def bank_notes(bank: HashBank) -> Notes:
-    """M, n and the variables, and the expansion the bank is saved with: per call (each
-    layer computes its rows of U @ V in every forward; extra memory up to the largest
-    layer's rows x n) or once (the whole U @ V, n x n, kept for inference)."""
-    value_bytes = bank.U.element_size()
-    rows = max((offset + size - 1) // bank.n + 1 - offset // bank.n
-               for _, offset, size in bank.layers)
-    per_call, once = rows * bank.n * value_bytes, bank.n * bank.n * value_bytes
-    lines = [f"smh: M = {bank.rank}, n = {bank.n}: {bank.variables()} variables "
-             f"({bank.dtype}) for {bank.n_values} values in {len(bank.layers)} layers "
-             f"(x{bank.n_values / bank.variables():.1f} fewer)"]
-    if bank.cache:
+def bank_notes(spec: dict[str, Any]) -> Notes:
+    """M, n and the variables, and the expansion the bank is saved with (from its spec):
+    per call (each layer computes its rows of U @ V in every forward; extra memory up to
+    the largest layer's rows x n) or once (the whole U @ V, n x n, kept for inference)."""
+    n, rank, cache = int(spec["n"]), int(spec["rank"]), bool(spec["cache"])
+    layers = spec["layers"]
+    value_bytes = 4  # U and V compute in float32, whatever their storage dtype
+    variables = 2 * n * rank
+    n_values = layers[-1][1] + layers[-1][2]
+    rows = max((offset + size - 1) // n + 1 - offset // n for _, offset, size in layers)
+    per_call, once = rows * n * value_bytes, n * n * value_bytes
+    lines = [f"smh: M = {rank}, n = {n}: {variables} variables "
+             f"({spec['dtype']}) for {n_values} values in {len(layers)} layers "
+             f"(x{n_values / variables:.1f} fewer)"]
+    if cache:
         lines.append(f"smh expansion: once (cache=True): the first inference call after "
-                     f"loading expands U @ V ({bank.n} x {bank.n}) and keeps it, "
+                     f"loading expands U @ V ({n} x {n}) and keeps it, "
                      f"{format_bytes(once)} of memory; per call would need "
                      f"{format_bytes(per_call)} at most")
     else:
         lines.append(f"smh expansion: per call (cache=False): each layer expands its rows "
                      f"of U @ V in every forward, {format_bytes(per_call)} of extra memory in "
-                     f"inference at most ({rows} x {bank.n}); once would keep "
+                     f"inference at most ({rows} x {n}); once would keep "
                      f"{format_bytes(once)}")
-    facts = {"n": bank.n, "M": bank.rank, "variables": bank.variables(),
-             "values": bank.n_values, "expansion": "once" if bank.cache else "per call",
-             "expansion_bytes": once if bank.cache else per_call}
+    facts = {"n": n, "M": rank, "variables": variables, "values": n_values,
+             "expansion": "once" if cache else "per call",
+             "expansion_bytes": once if cache else per_call}
     return Notes(lines, facts)
 
 

@@ -26,9 +26,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from ...encoding import Encoding
 from ...errors import FormatError
-from ...layers import _CONV_FORWARDS, CompressedLayer, StoredModule, register_layer
-from ...size import Encoding
+from ...layers import (
+    _CONV_FORWARDS,
+    CompressedLayer,
+    StoredModule,
+    planned_spec,
+    register_layer,
+)
 
 BANK_KIND = "smh-bank"
 LAYER_KIND = "smh"
@@ -159,6 +165,13 @@ class HashBank(StoredModule):
         return {"n": self.n, "rank": self.rank, "dtype": self.dtype, "cache": self.cache,
                 "layers": [list(x) for x in self.layers]}
 
+    @staticmethod
+    def plan_spec(n: int, rank: int, layers: list[tuple[str, int, int]], dtype: str,
+                  cache: bool) -> dict[str, Any]:
+        """The spec of a bank (what a plan records and `_build` reads)."""
+        return {"kind": BANK_KIND, "n": int(n), "rank": int(rank), "dtype": dtype,
+                "cache": bool(cache), "layers": [list(x) for x in layers]}
+
     @classmethod
     def _build(cls, spec: dict[str, Any], target: nn.Module | None) -> HashBank:
         layers = [(str(a), int(b), int(c)) for a, b, c in spec["layers"]]
@@ -180,6 +193,8 @@ class HashedLayer(CompressedLayer):
     he_std * alpha. Stores only alpha (fp32) and the host's other tensors."""
 
     kind = LAYER_KIND
+    ALPHA = Encoding.of("float32")
+    """How alpha is stored (the planner counts it with this too)."""
 
     def __init__(self, module: nn.Module, offset: int, he_std: float, bank: str,
                  out_axis: int | None = None) -> None:
@@ -247,7 +262,16 @@ class HashedLayer(CompressedLayer):
         return super().__getattr__(name)
 
     def stored_extra(self) -> dict[str, tuple[torch.Tensor, Encoding]]:
-        return {"alpha": (self.alpha, Encoding.of("float32"))}
+        return {"alpha": (self.alpha, self.ALPHA)}
+
+    @classmethod
+    def plan_spec(cls, module: nn.Module, offset: int, he_std: float, bank: str,
+                  out_axis: int) -> dict[str, Any]:
+        """The spec of the hashed layer that will replace `module`."""
+        bias = module._parameters.get("bias")
+        return planned_spec(cls.kind, module, out_axis, offset=int(offset),
+                            he_std=float(he_std), bank=str(bank),
+                            bias_shape=None if bias is None else list(bias.shape))
 
     def spec_extra(self) -> dict[str, Any]:
         return {"offset": self.offset, "he_std": self.he_std, "bank": self.bank_name,
