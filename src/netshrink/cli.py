@@ -181,7 +181,10 @@ def cmd_compress(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from torch.utils.data import DataLoader
 
-    from . import fileformat
+    from . import (
+        fileformat,
+        zoo,  # noqa: F401  (registers the zoo's architectures, which the file names)
+    )
     from .data import get_dataset
     from .report import report
     from .train import evaluate
