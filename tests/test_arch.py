@@ -116,7 +116,7 @@ _LEGACY = textwrap.dedent("""
         print("loaded without the zoo")
     except netshrink.ConfigError as e:
         print("error:", e)
-    import netshrink.zoo  # registers the zoo's architectures
+    import netshrink_lab.zoo  # registers the zoo's architectures
     x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     out = netshrink.fileformat.from_bytes(raw)(x)
     print(json.dumps(out.tolist()))

@@ -46,7 +46,7 @@ __all__ = [
 ARCH_ATTR = "netshrink_arch"
 """The attribute `create_arch` sets on the models it builds."""
 
-LEGACY_MODULE = "netshrink.zoo"
+LEGACY_MODULE = "netshrink_lab.zoo"
 """Where the architectures of files without a "module" in their arch record come from:
 before the registry, only the zoo (then ``netshrink.zoo``) named architectures."""
 

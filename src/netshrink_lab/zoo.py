@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from netshrink import data as datasets
 from netshrink.arch import ARCH_ATTR, arch_of, create_arch, register_arch
 from netshrink.atomic import atomic_write
 from netshrink.errors import ConfigError, DataError
+from netshrink_lab import data as datasets
 
 __all__ = [
     "ARCH_ATTR",
