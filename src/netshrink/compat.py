@@ -1,8 +1,8 @@
 """Compatibility with the packages around torch that netshrink's users and tests combine.
 
-`torchvision_shim()`: PyPI's torchvision 0.28.0 lacks two operator schemas on this CPU
-build of torch, so importing torchvision, timm or transformers fails. Calling the shim
-first defines them. It is never called at `import netshrink`.
+`torchvision_shim()`: PyPI's torchvision (pinned in constraints.txt) lacks two operator
+schemas on this CPU build of torch, so importing torchvision, timm or transformers fails.
+Calling the shim first defines them. It is never called at `import netshrink`.
 """
 
 from __future__ import annotations
