@@ -11,6 +11,9 @@ says where each logical tensor lies in its blob:
      "layers": {name: {"spec": {...}, "tensors": {t: [encoding, shape, offset]}}},
      "dense":  [[name, dtype, shape, offset] | [name, "=", earlier_name], ...]}
 
+"arch" is the model's `netshrink.arch` record plus the module that registered it ("module";
+files written before the registry lack it, and readers that predate it ignore it).
+
 So the file size is exactly the accounted size (`size.model_bits`) plus the safetensors
 header (which holds the manifest) plus its 8-byte length. Loading parses and checks all
 of it; anything wrong raises `FormatError`. Writes are atomic and deterministic.
