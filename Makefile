@@ -1,12 +1,14 @@
 # The two commands a fresh machine needs:  make demo  and  make test.
-# Each creates .venv if missing, installs torch==2.13.0 first (the CPU wheel; an unpinned
-# torch would pull several GB of CUDA packages), then netshrink with its dev extras, and
-# Debian's dataset-fashion-mnist when it is absent.
+# Each creates .venv if missing, installs torch first at the version pinned in
+# constraints.txt (the CPU wheel; an unpinned torch would pull several GB of CUDA packages),
+# then netshrink with its dev extras under the same constraints, and Debian's
+# dataset-fashion-mnist when it is absent. CI (.ci/run) runs `make lint` and `make test`.
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.netshrink-installed
+CONSTRAINTS := constraints.txt
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -14,10 +16,10 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -c $(CONSTRAINTS) torch
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[dev]"
 	touch $(STAMP)
 
 data:

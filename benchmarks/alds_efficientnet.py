@@ -34,11 +34,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import netshrink
-from netshrink.data import PHOTOS, photo_views, random_photo_views
 from netshrink.methods.alds import parameter_count
-from netshrink.pretrained import efficientnet_lite0
 from netshrink.report import format_table
 from netshrink.train import Finetune, StepHook, fidelity, fit
+from netshrink_lab.data import PHOTOS, photo_views, random_photo_views
+from netshrink_lab.pretrained import efficientnet_lite0
 
 HELDOUT = ("chelsea", "coffee", "rocket", "horse", "clock")
 

@@ -16,7 +16,7 @@ compression and after fine-tuning; the largest layer error bound; solver seconds
 
 Rows are merged into benchmarks/results/alds_resnet20_fashion_mnist.json (same keep and
 solver replaced), so budgets can be run as separate processes; the table printed covers
-every row in the file. Needs the cached baseline (`netshrink.zoo.load_baseline`).
+every row in the file. Needs the cached baseline (`netshrink_lab.zoo.load_baseline`).
 """
 
 from __future__ import annotations
@@ -33,13 +33,13 @@ import torch
 from torch.utils.data import DataLoader
 
 import netshrink
-from netshrink import zoo
-from netshrink.data import fashion_mnist
 from netshrink.layers import compressed_layers
 from netshrink.methods.alds import parameter_count
 from netshrink.methods.alds.flops import count_macs
 from netshrink.report import format_table
 from netshrink.train import Finetune, evaluate
+from netshrink_lab import zoo
+from netshrink_lab.data import fashion_mnist
 
 SOLVERS = ("alds", "alds-code", "svd", "svd-energy", "alds-k1")
 """Rows: the method's solvers; "alds-code" is ALDS with the official code's error (no

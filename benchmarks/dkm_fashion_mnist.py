@@ -26,12 +26,12 @@ import torch
 from torch.utils.data import DataLoader
 
 import netshrink
-from netshrink import zoo
-from netshrink.data import fashion_mnist
 from netshrink.methods.dkm import finalize_model, soft_weights
 from netshrink.report import format_table
 from netshrink.size import fp32_bits
 from netshrink.train import evaluate, fit
+from netshrink_lab import zoo
+from netshrink_lab.data import fashion_mnist
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -7,7 +7,7 @@ random photo views, batch `--batch`), soft and snapped. Fidelity (top-1 agreemen
 the original on the 92 fixed photo views, measured on the saved-and-reloaded file.
 
 minilm: all-MiniLM-L6-v2, its nn.Linear layers at `--bits`; distillation through the
-shared `train.fit` on the licence paragraphs of `netshrink.pretrained.local_text` (first
+shared `train.fit` on the licence paragraphs of `netshrink_lab.pretrained.local_text` (first
 80%), where the "logits" are 20 x the L2-normalised mean-pooled embedding (KL at T=1: a
 cosine-like target). Mean cosine between compressed and original embeddings on the held-out
 20% of paragraphs, soft and snapped.
@@ -52,8 +52,8 @@ class Embedder(nn.Module):
 
 
 def efficientnet(args: argparse.Namespace) -> dict:
-    from netshrink.data import photo_views, random_photo_views
-    from netshrink.pretrained import efficientnet_lite0
+    from netshrink_lab.data import photo_views, random_photo_views
+    from netshrink_lab.pretrained import efficientnet_lite0
 
     model = efficientnet_lite0()
     views = DataLoader(TensorDataset(photo_views()), batch_size=23)
@@ -91,8 +91,8 @@ def efficientnet(args: argparse.Namespace) -> dict:
 
 
 def minilm(args: argparse.Namespace) -> dict:
-    from netshrink.pretrained import local_text
-    from netshrink.pretrained import minilm as load
+    from netshrink_lab.pretrained import local_text
+    from netshrink_lab.pretrained import minilm as load
 
     model, tok = load()
     texts = local_text()
@@ -153,9 +153,9 @@ def main() -> None:
     ap.add_argument("--kmeans", action="store_true", help="also kmeans + the same steps")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from netshrink import pretrained
+    from netshrink.compat import torchvision_shim
 
-    pretrained.torchvision_shim()
+    torchvision_shim()
     result = (efficientnet if args.model == "efficientnet" else minilm)(args)
     result["protocol"] = vars(args)
     print(json.dumps(result, indent=1))

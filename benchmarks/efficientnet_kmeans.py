@@ -24,11 +24,11 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import netshrink
-from netshrink.data import photo_views
-from netshrink.pretrained import efficientnet_lite0
 from netshrink.report import format_table
 from netshrink.size import fp32_bits
 from netshrink.train import fidelity
+from netshrink_lab.data import photo_views
+from netshrink_lab.pretrained import efficientnet_lite0
 
 
 def main() -> None:

@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from netshrink import zoo
-from netshrink.data import get_dataset, get_loaders
-from netshrink.demo import measure
 from netshrink.report import format_table
 from netshrink.size import fp32_bits
 from netshrink.train import evaluate
+from netshrink_lab import zoo
+from netshrink_lab.data import get_dataset, get_loaders
+from netshrink_lab.demo import measure
 
 
 def main() -> None:

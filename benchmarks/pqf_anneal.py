@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from netshrink.compat import torchvision_shim
 from netshrink.kmeans import kmeans
 from netshrink.layers import channel_scales, weight_rows
-from netshrink.pretrained import efficientnet_lite0, torchvision_shim
 from netshrink.report import format_table
+from netshrink_lab.pretrained import efficientnet_lite0
 
 
 def main() -> None:

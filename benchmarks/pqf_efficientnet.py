@@ -34,16 +34,16 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import netshrink
-from netshrink.data import photo_views, random_photo_views
 from netshrink.graph import weight_layers
 from netshrink.kmeans import assign, kmeans
 from netshrink.layers import weight_rows
 from netshrink.methods import get_method
 from netshrink.methods.pqf import paper_size_bits, plan_of, search_again
-from netshrink.pretrained import efficientnet_lite0
 from netshrink.report import format_table
 from netshrink.size import fp32_bits
 from netshrink.train import Finetune, fidelity, fit
+from netshrink_lab.data import photo_views, random_photo_views
+from netshrink_lab.pretrained import efficientnet_lite0
 
 
 def _speed_sets(model: nn.Module) -> list[tuple[torch.Tensor, int]]:

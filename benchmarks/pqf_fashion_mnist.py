@@ -42,14 +42,14 @@ import torch
 from torch.utils.data import DataLoader
 
 import netshrink
-from netshrink import zoo
-from netshrink.data import fashion_mnist
 from netshrink.graph import weight_layers
 from netshrink.methods import get_method
 from netshrink.methods.pqf import official_finetune, paper_size_bits, plan_of, search_again
 from netshrink.report import format_table
 from netshrink.size import fp32_bits
 from netshrink.train import evaluate, fit
+from netshrink_lab import zoo
+from netshrink_lab.data import fashion_mnist
 
 VARIANTS = {
     "plain PQ": dict(permute=False, anneal=0),

@@ -25,11 +25,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import netshrink
-from netshrink.data import photo_views, random_photo_views
 from netshrink.methods.smh import bank_of
-from netshrink.pretrained import efficientnet_lite0
 from netshrink.report import format_table
 from netshrink.train import Finetune, fidelity
+from netshrink_lab.data import photo_views, random_photo_views
+from netshrink_lab.pretrained import efficientnet_lite0
 
 
 def covered_values(model: nn.Module) -> int:

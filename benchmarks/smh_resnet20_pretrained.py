@@ -24,11 +24,11 @@ import torch
 from torch import nn
 
 import netshrink
-from netshrink import zoo
-from netshrink.data import fashion_mnist_loaders
 from netshrink.methods.smh import bank_of
 from netshrink.report import format_table
 from netshrink.train import Finetune, evaluate, recalibrate_batchnorm
+from netshrink_lab import zoo
+from netshrink_lab.data import fashion_mnist_loaders
 
 
 def covered_values(model: nn.Module) -> int:

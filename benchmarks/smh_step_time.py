@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import netshrink
-from netshrink import zoo
 from netshrink.layers import compressed_layers
 from netshrink.methods.smh import bank_of
+from netshrink_lab import zoo
 
 
 def covered_values(model: nn.Module) -> int:

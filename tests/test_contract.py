@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import netshrink
+from netshrink.compat import torchvision_shim
 from netshrink.errors import InfeasibleTargetError
 from netshrink.fileformat import header_bytes
 from netshrink.layers import compressed_layers
 from netshrink.methods import get_method
-from netshrink.pretrained import torchvision_shim
 from netshrink.size import fp32_bits, model_bits, parse_target
 
 

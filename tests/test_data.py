@@ -1,4 +1,4 @@
-"""Tests of netshrink.data: the real Fashion-MNIST files and idx parsing errors."""
+"""Tests of netshrink_lab.data: the real Fashion-MNIST files and idx parsing errors."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from netshrink import data
-from netshrink.data import (
+from netshrink.errors import ConfigError, DataError
+from netshrink_lab import data
+from netshrink_lab.data import (
     FASHION_MNIST_ENV,
     FASHION_MNIST_ROOT,
     fashion_mnist,
@@ -19,7 +20,6 @@ from netshrink.data import (
     get_dataset,
     read_idx,
 )
-from netshrink.errors import ConfigError, DataError
 
 APT = "sudo apt-get install dataset-fashion-mnist"
 HAVE_DATA = (FASHION_MNIST_ROOT / "train-images-idx3-ubyte.gz").is_file()

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from netshrink import zoo
 from netshrink.cli import main
-from netshrink.demo import METHOD_OPTIONS, demo_methods, run_demo
 from netshrink.methods import methods
 from netshrink.size import fp32_bits
+from netshrink_lab import zoo
+from netshrink_lab.demo import METHOD_OPTIONS, demo_methods, run_demo
 
 
 @pytest.fixture

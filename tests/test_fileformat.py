@@ -212,7 +212,7 @@ def test_missing_file_raises_format_error(tmp_path):
 
 @pytest.mark.parametrize("target", ["1bit", "x20"])
 def test_header_overhead_on_resnet20(target, tmp_path):
-    from netshrink import zoo
+    from netshrink_lab import zoo
 
     torch.manual_seed(0)
     small = netshrink.compress(zoo.create("resnet20"), target=target)

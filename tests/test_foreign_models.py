@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import netshrink
+from netshrink.compat import torchvision_shim
 from netshrink.layers import compressed_layers
-from netshrink.pretrained import torchvision_shim
 
 
 def _torchvision():

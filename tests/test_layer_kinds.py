@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import netshrink
+from netshrink.compat import torchvision_shim
 from netshrink.layers import CompressedLayer, compressed_layers, out_axis_of
-from netshrink.pretrained import torchvision_shim
 
 
 class SamePadConv(nn.Conv2d):

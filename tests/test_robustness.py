@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 import netshrink
-from netshrink import zoo
 from netshrink.errors import IncompleteCompressionError, NonFiniteError
 from netshrink.fileformat import to_bytes
+from netshrink_lab import zoo
 
 
 def _dead_rows_model():
@@ -77,7 +77,7 @@ _HOSTILE = textwrap.dedent("""
     import json, resource, sys
     import torch
     import netshrink
-    from netshrink import zoo
+    from netshrink_lab import zoo
     from netshrink.fileformat import from_bytes
     sys.path.insert(0, {tests!r})
     from test_fileformat import _rewrite

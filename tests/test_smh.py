@@ -10,12 +10,12 @@ import torch
 from torch import nn
 
 import netshrink
-from netshrink import zoo
 from netshrink.errors import ConfigError, InfeasibleTargetError
 from netshrink.fileformat import inspect_file
 from netshrink.layers import compressed_layers
 from netshrink.methods.smh import HashBank, HashedLayer, bank_of, he_fan_out_std
 from netshrink.size import fp32_bits, model_bits
+from netshrink_lab import zoo
 
 
 class TinyTransformerMLP(nn.Module):

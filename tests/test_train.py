@@ -16,7 +16,6 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from netshrink import train as train_module
 from netshrink.errors import ConfigError
 from netshrink.train import (
     CHECKPOINT_NAME,
@@ -29,6 +28,7 @@ from netshrink.train import (
     fit,
     recalibrate_batchnorm,
 )
+from netshrink.train import loop as train_module  # _lr_at, and os/torch to patch
 
 # --------------------------------------------------------------------------- fixtures
 

@@ -1,4 +1,4 @@
-"""Tests of netshrink.zoo: reference architectures, the registry and the baseline cache."""
+"""Tests of netshrink_lab.zoo: reference architectures, the registry and the baseline cache."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import torch
 import torch.fx
 from torch import nn
 
-from netshrink import zoo
-from netshrink.data import FASHION_MNIST_ROOT
 from netshrink.errors import ConfigError, DataError
+from netshrink_lab import zoo
+from netshrink_lab.data import FASHION_MNIST_ROOT
 
 HAVE_DATA = (FASHION_MNIST_ROOT / "train-images-idx3-ubyte.gz").is_file()
 

@@ -1,7 +1,9 @@
 """The `netshrink` command line: train-baseline, compress, eval, inspect, methods, demo.
 
 Every command is a thin layer over the Python API; errors netshrink raises on purpose are
-printed as one line (exit code 2), anything else is a bug and shows its traceback.
+printed as one line (exit code 2), anything else is a bug and shows its traceback. The
+experiment harness (`netshrink_lab`: zoo models and baselines, Fashion-MNIST, the demo) is
+imported only inside the commands that use it, never at `import netshrink.cli`.
 """
 
 from __future__ import annotations
@@ -135,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_source(args: argparse.Namespace) -> Any:
-    from . import zoo
+    from netshrink_lab import zoo
 
     if args.checkpoint:
         if not args.arch:
@@ -151,8 +153,9 @@ def _load_source(args: argparse.Namespace) -> Any:
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
+    from netshrink_lab.data import get_loaders
+
     from . import api, fileformat
-    from .data import get_loaders
     from .report import report
     from .train import Finetune, evaluate, init_distributed, is_main_process
 
@@ -181,8 +184,10 @@ def cmd_compress(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from torch.utils.data import DataLoader
 
+    import netshrink_lab.zoo  # noqa: F401  (registers the zoo architectures files name)
+    from netshrink_lab.data import get_dataset
+
     from . import fileformat
-    from .data import get_dataset
     from .report import report
     from .train import evaluate
 
@@ -209,7 +214,8 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def cmd_methods(_: argparse.Namespace) -> None:
-    from . import zoo
+    from netshrink_lab import zoo
+
     from .methods import get_method, methods
 
     for name in methods():
@@ -224,7 +230,8 @@ def cmd_methods(_: argparse.Namespace) -> None:
 
 
 def cmd_train_baseline(args: argparse.Namespace) -> None:
-    from . import zoo
+    from netshrink_lab import zoo
+
     from .train import init_distributed, is_main_process
 
     init_distributed()
@@ -240,7 +247,8 @@ def cmd_train_baseline(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from .demo import DEFAULT_TARGET, run_demo
+    from netshrink_lab.demo import DEFAULT_TARGET, run_demo
+
     from .methods import get_method
 
     names = [m.strip() for m in (args.methods or "").split(",") if m.strip()] or None

@@ -6,9 +6,13 @@ byte-aligned), and one blob per plain dtype (`float16`, `float32`, `int64`, ...)
 manifest (JSON, zlib-compressed, base64, in the safetensors metadata under "netshrink")
 says where each logical tensor lies in its blob:
 
-    {"format": "netshrink", "version": 1, "arch": {...} | null, "info": {...},
+    {"format": "netshrink", "version": 1, "arch": {"name", "kwargs", "module"} | null,
+     "info": {...},
      "layers": {name: {"spec": {...}, "tensors": {t: [encoding, shape, offset]}}},
      "dense":  [[name, dtype, shape, offset] | [name, "=", earlier_name], ...]}
+
+"arch" is the model's `netshrink.arch` record plus the module that registered it ("module";
+files written before the registry lack it, and readers that predate it ignore it).
 
 So the file size is exactly the accounted size (`size.model_bits`) plus the safetensors
 header (which holds the manifest) plus its 8-byte length. Loading parses and checks all
@@ -31,6 +35,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
+from .arch import arch_entry, arch_record, create_arch, unregistered_message
 from .atomic import atomic_write
 from .bitpack import pack_bits, packed_nbytes, unpack_bits
 from .encoding import Encoding
@@ -87,8 +92,6 @@ def build_manifest(model: nn.Module, dry: bool = False
                    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The manifest and blobs that `save` writes (exposed for tests and tools); `dry`
     gives the same manifest with placeholder blobs (see `header_bytes`)."""
-    from .zoo import arch_of
-
     writer = _BlobWriter(dry)
     layers: dict[str, Any] = {}
     comp = dict(stored_modules(model))
@@ -104,7 +107,7 @@ def build_manifest(model: nn.Module, dry: bool = False
             continue
         enc = Encoding.of(t.dtype)
         dense.append([name, enc.name, list(t.shape), writer.add(t, enc)])
-    manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "arch": arch_of(model),
+    manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "arch": arch_record(model),
                 "info": getattr(model, "netshrink_info", None), "layers": layers,
                 "dense": dense}
     return manifest, writer.blobs()
@@ -312,18 +315,21 @@ def _note_cast(notes: list[str], name: str, stored: Encoding, slot: Encoding) ->
 
 
 def _instantiate(manifest: dict[str, Any], model_like: nn.Module | None) -> nn.Module:
-    """An empty copy of the architecture: the zoo model the file names, built on the meta
-    device (so no architecture argument can allocate memory), or a copy of model_like."""
+    """An empty copy of the architecture: the registered architecture the file names, built
+    on the meta device (so no architecture argument can allocate memory), or a copy of
+    model_like. A module the file names is never imported (see `netshrink.arch`)."""
     if model_like is None:
         arch = manifest.get("arch")
         if not arch:
-            raise ConfigError("this file does not name a zoo architecture: pass model_like, "
-                              "an instance of the original model")
-        from . import zoo
-
+            raise ConfigError("this file does not name a registered architecture: pass "
+                              "model_like, an instance of the original model")
+        if not isinstance(arch, dict) or not isinstance(arch.get("name"), str):
+            raise FormatError(f"malformed architecture record {arch!r}")
+        if arch_entry(arch["name"]) is None:
+            raise ConfigError(unregistered_message(arch))
         try:
             with torch.device("meta"):
-                return zoo.create(str(arch["name"]), **dict(arch.get("kwargs", {})))
+                return create_arch(arch["name"], **dict(arch.get("kwargs", {})))
         except (ConfigError, KeyError, TypeError, ValueError, AttributeError) as e:
             raise FormatError(f"file names an unknown architecture {arch!r}: {e}") from None
     model = copy.deepcopy(model_like)
@@ -428,8 +434,9 @@ def _load_dense(model: nn.Module, entries: list[tuple[str, Any]], reader: _BlobR
 
 def load(path: str | os.PathLike[str], model_like: nn.Module | None = None) -> nn.Module:
     """Load a .nsk file into a copy of `model_like` (any instance of the original
-    architecture, weights ignored, may be on the meta device), or into the zoo model the
-    file names. Outputs are bit-identical to the module that was saved."""
+    architecture, weights ignored, may be on the meta device), or into the registered
+    architecture the file names (`netshrink.arch`; for zoo models, import netshrink_lab.zoo
+    first). Outputs are bit-identical to the module that was saved."""
     try:
         raw = Path(path).read_bytes()
     except OSError as e:

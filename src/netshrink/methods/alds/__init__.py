@@ -35,7 +35,7 @@ from ...errors import ConfigError, InfeasibleTargetError
 from ...graph import LayerRef
 from ...layers import compressible, set_module
 from ...size import Budget
-from ...train import _split_batch
+from ...train import split_batch as _split_batch
 from .. import Method, Notes, Plan, Request, register_method
 from .layer import LowRankLayer, factorize
 from .profile import ERROR_MODES, LayerProfile, profile_layer

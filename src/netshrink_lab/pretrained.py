@@ -7,9 +7,9 @@
   (SmolLM2-135M-Instruct)
 
 Each loader imports its package lazily and raises `DataError` with the pip command when
-it is missing. `torchvision_shim()` defines the two torchvision operator schemas that this
-CPU build of torch lacks (DATA.md); it runs before transformers is imported, never at
-`import netshrink`. `local_text()` gives real English text that is on every Debian machine.
+it is missing. The loaders that import transformers call
+`netshrink.compat.torchvision_shim()` first (this CPU build of torch lacks two torchvision
+operator schemas). `local_text()` gives real English text that is on every Debian machine.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import DataError
+from netshrink.compat import torchvision_shim
+from netshrink.errors import DataError
 
-_SHIM: list[Any] = []
 LICENSES = Path("/usr/share/common-licenses")
 
 
@@ -35,20 +35,6 @@ def _require(module: str, pip: str) -> Any:
     except ImportError as e:
         raise DataError(f"{module} is not installed ({e}); install it with: pip install {pip}"
                         ) from None
-
-
-def torchvision_shim() -> None:
-    """Define torchvision's nms/qnms operator schemas once, so that torchvision, timm and
-    transformers import on this CPU build of torch (harmless where they already exist)."""
-    if _SHIM:
-        return
-    try:
-        lib = torch.library.Library("torchvision", "DEF")
-        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        _SHIM.append(lib)  # keep the registration alive
-    except RuntimeError:
-        _SHIM.append(None)  # already defined by a working torchvision
 
 
 def efficientnet_lite0() -> nn.Module:

@@ -1,15 +1,15 @@
 """Reference models to compress, a name registry, and a cache of trained baselines.
 
 Models: CIFAR-style ResNet-20/32/56 (He et al. 2016, section 4.2) and a small MobileNetV2.
-``create`` records how a model was built (``model.netshrink_arch``) so a saved file can name
-its architecture and be rebuilt. Baselines are trained with the library's one training loop
-(``netshrink.train.fit``) and cached as safetensors files under ``cache_dir()/baselines``.
+The models are registered with `netshrink.arch` when this module is imported, and
+``create`` records how a model was built (``model.netshrink_arch``), so a saved file names
+its architecture and ``netshrink.load`` rebuilds it without ``model_like``. Baselines are
+trained with the library's one training loop (``netshrink.train.fit``) and cached as
+safetensors files under ``cache_dir()/baselines``.
 """
 
 from __future__ import annotations
 
-import copy
-import inspect
 import json
 import logging
 import math
@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from netshrink import data as datasets
+from netshrink.arch import ARCH_ATTR, arch_of, create_arch, register_arch
 from netshrink.atomic import atomic_write
 from netshrink.errors import ConfigError, DataError
+from netshrink_lab import data as datasets
 
 __all__ = [
     "ARCH_ATTR",
@@ -53,7 +54,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ARCH_ATTR = "netshrink_arch"
 _MIN_IMAGE_SIZE = 8
 
 
@@ -317,61 +317,31 @@ def names() -> list[str]:
     return sorted(MODELS)
 
 
-def _plain(value: Any) -> Any:
-    """Turn numpy/torch scalars into plain Python numbers so the record is JSON-clean."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, numbers.Real):
-        return float(value)
-    return value
-
-
 def _json_fallback(value: Any) -> Any:
     """json.dumps ``default``: numbers and 0-d tensors as numbers, anything else as text."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         return value.item()
-    plain = _plain(value)
-    return plain if plain is not value else str(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return str(value)
 
 
 def create(name: str, **kwargs: Any) -> nn.Module:
-    """Build registered model ``name`` and record ``{"name", "kwargs"}`` on it.
+    """Build zoo model ``name`` and record ``{"name", "kwargs"}`` on it.
 
-    The record (``model.netshrink_arch``) holds every argument, defaults included, so
-    ``create(**arch_of(model))`` rebuilds the same architecture. Unknown names or bad
-    arguments raise ConfigError.
+    The record (``model.netshrink_arch``, see `netshrink.arch.create_arch`) holds every
+    argument, defaults included, so ``create(**arch_of(model))`` rebuilds the same
+    architecture. Unknown names or bad arguments raise ConfigError.
     """
     if name not in MODELS:
         raise ConfigError(f"unknown model {name!r}; known: {', '.join(names())}")
-    builder = MODELS[name]
-    signature = inspect.signature(builder)
-    params = signature.parameters
-    nested = kwargs.get("kwargs")
-    if "kwargs" not in params and isinstance(nested, dict):  # create(**arch) form
-        kwargs = {**{k: v for k, v in kwargs.items() if k != "kwargs"}, **nested}
-    try:
-        bound = signature.bind(**kwargs)
-    except TypeError as exc:
-        raise ConfigError(
-            f"bad arguments for model {name!r}: {exc}; accepted: {', '.join(params)}"
-        ) from exc
-    bound.apply_defaults()
-    resolved = {k: _plain(v) for k, v in bound.arguments.items()}
-    try:
-        json.dumps(resolved)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"arguments for model {name!r} must be JSON values: {exc}") from exc
-    model = builder(**resolved)
-    setattr(model, ARCH_ATTR, {"name": name, "kwargs": resolved})
-    return model
+    return create_arch(name, **kwargs)
 
 
-def arch_of(model: nn.Module) -> dict | None:
-    """A copy of the ``{"name", "kwargs"}`` record ``create`` left on ``model``, or None."""
-    arch = getattr(model, ARCH_ATTR, None)
-    return copy.deepcopy(arch) if isinstance(arch, dict) else None
+for _name, _factory in MODELS.items():  # so that netshrink.load finds them by name
+    register_arch(_name, _factory, module=__name__)
 
 
 # ----------------------------------------------------------------------------- baseline cache

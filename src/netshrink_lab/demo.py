@@ -19,13 +19,14 @@ from typing import Any
 from torch import nn
 from torch.utils.data import DataLoader
 
-from . import api, fileformat, zoo
-from .data import get_dataset, get_loaders
-from .errors import NetshrinkError
-from .methods import methods
-from .report import format_table
-from .size import fp32_bits
-from .train import Finetune, evaluate
+from netshrink import api, fileformat
+from netshrink.errors import NetshrinkError
+from netshrink.methods import methods
+from netshrink.report import format_table
+from netshrink.size import fp32_bits
+from netshrink.train import Finetune, evaluate
+from netshrink_lab import zoo
+from netshrink_lab.data import get_dataset, get_loaders
 
 logger = logging.getLogger(__name__)
 
