@@ -112,3 +112,42 @@ def test_random_init_and_given_init():
     r = kmeans(x, 3, init=centers.clone(), iters=5)
     assert torch.allclose(r.centroids, centers, atol=0.05)
     assert kmeans(x, 3, init="random", seed=0).centroids.shape == (3, 2)
+
+
+def test_same_result_on_any_thread_count_and_setting_restored():
+    """k-means runs on one intra-op thread whatever torch's setting (faster on a loaded
+    machine): the result is the same bit for bit, and the setting is restored."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(20_000, 4, generator=g)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kmeans(x, 64, seed=1, init="random", anneal=3)
+        torch.set_num_threads(2)
+        two = kmeans(x, 64, seed=1, init="random", anneal=3)
+        assert torch.get_num_threads() == 2
+        labels, dists = assign(x, one.centroids)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(one.centroids, two.centroids) and torch.equal(one.labels, two.labels)
+    assert torch.equal(labels, one.labels)
+
+
+def test_sample_learns_from_a_subset_and_labels_every_point():
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(5000, 4, generator=g)
+    for anneal in (0, 3):
+        full = kmeans(x, 16, seed=2, init="random", anneal=anneal)
+        # at most `sample` points: the option changes nothing, bit for bit
+        same = kmeans(x, 16, seed=2, init="random", anneal=anneal, sample=5000)
+        assert torch.equal(full.centroids, same.centroids)
+        assert torch.equal(full.labels, same.labels) and full.inertia == same.inertia
+        sub = kmeans(x, 16, seed=2, init="random", anneal=anneal, sample=1000)
+        assert sub.labels.shape == (5000,)
+        labels, dists = assign(x, sub.centroids)
+        assert torch.equal(sub.labels, labels)
+        assert sub.inertia == float(dists.sum(dtype=torch.float64))
+        assert sub.inertia < 1.2 * full.inertia
+    with pytest.raises(ValueError, match="sample"):
+        kmeans(x, 4, sample=0)

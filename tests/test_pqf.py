@@ -149,6 +149,74 @@ def test_untraceable_model_gets_no_permutation_and_still_compresses(saved_report
         assert any("cannot be traced" in n and "without permutation" in n for n in rep.notes)
 
 
+def _tiny_llama():
+    """A 2-layer Llama (random weights, tied embedding) like SmolLM2, from transformers."""
+    netshrink.pretrained.torchvision_shim()
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=96,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, tie_word_embeddings=True)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_untraceable_transformer_is_permuted_inside_its_traceable_parts(saved_reports):
+    """torch.fx cannot trace a Hugging Face Llama as a whole; its MLPs are traced one by
+    one: the intermediate channels (gate and up rows, down columns) form one group per
+    layer, the function is unchanged, and the report says where groups came from."""
+    model = _tiny_llama()
+    analysis = analyse(model)
+    assert analysis.traced and analysis.reason
+    assert analysis.parts == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    assert len(analysis.groups) == 2
+    for i, group in enumerate(analysis.groups):
+        roles = sorted((m.role, m.name) for m in group.members)
+        assert group.size == 96 and roles == [
+            ("reader", f"model.layers.{i}.mlp.down_proj"),
+            ("writer", f"model.layers.{i}.mlp.gate_proj"),
+            ("writer", f"model.layers.{i}.mlp.up_proj")]
+    assert "as a whole: torch.fx cannot trace it" in analysis.blocked[0]
+    assert any(b.startswith("model.layers.*.self_attn (x2): not traceable")
+               for b in analysis.blocked)
+    x = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(x).logits
+    dims = {n: 4 for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    report = permute_model(model, dims, iters=300, seed=0)
+    with torch.no_grad():
+        after = model(x).logits
+    assert len(report.groups) == 2 and report.improvement > 0
+    assert (after - before).abs().max().item() < 1e-5
+    small = netshrink.compress(_tiny_llama(), "pqf", "2bit", layers=["model.layers.*"],
+                               min_weights=0, permute_iters=100, anneal=2)
+    assert small.netshrink_info["facts"]["permutation"]["groups"] == 2
+    for rep in saved_reports(small, _tiny_llama()):
+        assert any("pqf permutation: 2 channel groups" in n and "traced parts" in n
+                   for n in rep.notes)
+
+
+def test_a_layer_with_a_tied_weight_keeps_its_channels():
+    """Two linears sharing one weight: permuting one's channels would change the other."""
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a1, self.a2 = nn.Linear(8, 16), nn.Linear(8, 16)
+            self.b, self.c = nn.Linear(16, 8), nn.Linear(16, 8)
+            self.c.weight = self.b.weight
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a1(x))) + self.c(torch.relu(self.a2(x)))
+
+    model = Tied()
+    analysis = analyse(model)
+    assert not analysis.groups
+    assert "b: weight tied with another module" in analysis.blocked
+    assert "c: weight tied with another module" in analysis.blocked
+    model.c.weight = nn.Parameter(model.b.weight.detach().clone())  # untied: two groups
+    assert len(analyse(model).groups) == 2
+
+
 def _group_with_reader(model, d_of):
     dims = d_of(model)
     for g in analyse(model).groups:

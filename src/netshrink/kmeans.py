@@ -18,7 +18,8 @@ noise-free Lloyd step (the noise of a cluster's mean is drawn directly, `_sr_c`)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -56,27 +57,18 @@ def assign(x: torch.Tensor, centroids: torch.Tensor, chunk: int = DEFAULT_CHUNK,
     dists = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
     c_sq = squared_norms(centroids)
     c_t = centroids.T.contiguous()
-    # On one CPU thread, blocks of about 2^18 distances (1 MiB in float32) stay in cache
-    # and are several times faster than `chunk`-row blocks, whose (chunk, k) matrix goes
-    # to memory; there the nearest centroid is also found by `_first_argmin`'s cached
-    # element-wise passes. With more threads every small op is a fork/join barrier, which
-    # costs far more than the cache saves on a loaded machine (measured 6x slower at 2
-    # threads on 2 busy cores), so there the blocks stay at `chunk` rows and torch's own
-    # indexed min is used (the extra passes over a (chunk, k) block cost more than they
-    # save: 0.58 s against 0.41 s for 200,000 points, k = 256, 2 busy threads).
     # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2: the nearest centroid minimises the last two
     # terms (one fused addmm per block); ||x||^2 is added to the minimum, clamped against
     # round-off.
-    if x.device.type == "cpu" and torch.get_num_threads() == 1:
+    if x.device.type == "cpu":
+        # Blocks of about 2^18 distances (1 MiB in float32) stay in cache and are several
+        # times faster than `chunk`-row blocks, whose (chunk, k) matrix goes to memory;
+        # there the nearest centroid is also found by `_first_argmin`'s cached element-wise
+        # passes. On one intra-op thread (`one_thread`).
         block = min(chunk, max(256, (1 << 18) // centroids.shape[0]))
-        buffer = x.new_empty(block, centroids.shape[0])  # reused: no page faults per block
-        index = torch.arange(centroids.shape[0], dtype=x.dtype, device=x.device)
         found = torch.empty_like(dists)  # labels as floats, exact below 2^24
-        for s in range(0, x.shape[0], block):
-            xc = x[s:s + block]
-            partial = torch.addmm(c_sq, xc, c_t, alpha=-2, out=buffer[:len(xc)])
-            best = torch.amin(partial, 1, out=dists[s:s + block])
-            _first_argmin(partial, best[:, None], index, out=found[s:s + block])
+        with one_thread():
+            _assign_rows(x, c_sq, c_t, block, dists, found)
         labels = found.long()
     else:
         labels = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
@@ -85,6 +77,46 @@ def assign(x: torch.Tensor, centroids: torch.Tensor, chunk: int = DEFAULT_CHUNK,
                       out=(dists[s:s + chunk], labels[s:s + chunk]))
     dists.add_(squared_norms(x) if x_sq is None else x_sq).clamp_min_(0)
     return labels, dists
+
+
+def _assign_rows(x: torch.Tensor, c_sq: torch.Tensor, c_t: torch.Tensor, block: int,
+                 dists: torch.Tensor, found: torch.Tensor) -> None:
+    """Nearest centroid of every row of x in cache-sized blocks: the blocks' minima into
+    `dists`, the first index of each minimum (as a float) into `found`."""
+    buffer = x.new_empty(block, c_t.shape[1])  # reused: no page faults per block
+    index = torch.arange(c_t.shape[1], dtype=x.dtype, device=x.device)
+    for s in range(0, x.shape[0], block):
+        xc = x[s:s + block]
+        partial = torch.addmm(c_sq, xc, c_t, alpha=-2, out=buffer[:len(xc)])
+        best = torch.amin(partial, 1, out=dists[s:s + block])
+        _first_argmin(partial, best[:, None], index, out=found[s:s + block])
+
+
+@contextmanager
+def one_thread(device: torch.device | str = "cpu") -> Iterator[None]:
+    """Run the block on one torch intra-op thread (CPU only; restored afterwards).
+
+    k-means is a long series of small ops (a few hundred thousand points against k <= 2^16
+    centroids, in cache-sized blocks); with torch's threads each op is an OpenMP fork/join
+    barrier, which on a loaded machine costs far more than the parallelism saves. Measured
+    on 2 shared, busy cores (SmolLM2's gate_proj: 221,184 subvectors, d = 4, k = 256, SR-C
+    with I = 20): one thread 3.1-3.7 s, two threads 7.0-7.5 s, the same result bit for
+    bit; per pass, the assignment took 108 ms on one thread, 192 ms split over two Python
+    threads (one intra-op thread each) and 1.4 s on torch's two threads over 32,768-row
+    blocks (the path two threads took before), the centroid update 9-12 ms against
+    66-84 ms. torch's thread count is process-wide: other threads running torch ops meanwhile
+    also get one thread. Layers are independent, so a caller that wants more cores can
+    cluster several layers at once, one Python thread each.
+    """
+    threads = torch.get_num_threads()
+    if torch.device(device).type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def squared_norms(x: torch.Tensor) -> torch.Tensor:
@@ -164,6 +196,7 @@ def kmeans(
     tol: float = 0.0,
     chunk: int = DEFAULT_CHUNK,
     anneal: int = 0,
+    sample: int | None = None,
 ) -> KMeansResult:
     """Cluster points x ((n,) or (n, d)) into k centroids with Lloyd's algorithm.
 
@@ -175,6 +208,12 @@ def kmeans(
 
     anneal: I > 0 runs SR-C annealing instead (module docstring): exactly I+1 passes,
     `iters` and `tol` are ignored; the noise comes from the seeded generator.
+
+    sample: learn the centroids from at most this many points, drawn without replacement
+    by the seeded generator (faiss does the same with 256 points per centroid); the labels
+    and inertia are then those of all n points for the learned centroids. None, or
+    n <= sample: all points, and the same result, bit for bit, as without the option
+    (the generator is not touched).
     """
     x = _as_points(x.detach())
     if not x.is_floating_point():
@@ -186,6 +225,22 @@ def kmeans(
     if n == 0 or k < 1:
         raise ValueError(f"need at least one point and k >= 1 (n={n}, k={k})")
     gen = torch.Generator().manual_seed(seed)
+    if sample is not None and sample < 1:
+        raise ValueError(f"sample must be >= 1 or None, got {sample}")
+    with one_thread(x.device):
+        if sample is not None and n > sample:
+            pick = torch.sort(torch.randperm(n, generator=gen)[:sample]).values
+            learned = _fit(x[pick.to(x.device)], k, gen, iters, init, tol, chunk, anneal)
+            labels, dists = assign(x, learned.centroids, chunk)
+            return KMeansResult(learned.centroids, labels,
+                                float(dists.sum(dtype=torch.float64)))
+        return _fit(x, k, gen, iters, init, tol, chunk, anneal)
+
+
+def _fit(x: torch.Tensor, k: int, gen: torch.Generator, iters: int,
+         init: str | torch.Tensor, tol: float, chunk: int, anneal: int) -> KMeansResult:
+    """`kmeans` on the points x (n, d), validated, with the seeded generator `gen`."""
+    n, d = x.shape
     if isinstance(init, torch.Tensor):
         centroids = _as_points(init.detach()).to(x).clone()
         if centroids.shape != (k, d):

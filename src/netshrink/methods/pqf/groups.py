@@ -15,14 +15,25 @@ A writer creates a fresh space; pass-through ops keep the layout; `cat` concaten
 layouts; `add` / `mul` record that two layouts must be equal. The equalities are then
 unified (splitting spaces at segment boundaries as needed) with union-find. Anything the
 analysis does not understand (an unknown op, the model's input or output, a module called
-twice, a grouped conv, a flatten over spatial positions) *blocks* the spaces it touches:
-those channels keep their order. A model that cannot be traced gets no groups at all.
+twice, a grouped conv, a flatten over spatial positions, a layer whose weight is tied to
+another layer's) *blocks* the spaces it touches: those channels keep their order.
+
+A model that torch.fx cannot trace as a whole (a Hugging Face transformer: keyword-only
+wrappers, tuple arguments, data-dependent branches) is analysed part by part
+(`_analyse_parts`): each child module with at least two weight layers is traced on its
+own, and where that fails too, its children are, recursively. A traced part's inputs and
+outputs are blocked like a model's, so only channels inside it (e.g. a Llama MLP's
+intermediate channels: gate and up projections' rows, down projection's columns) are
+grouped, and permuting them leaves the part's function, hence the model's, unchanged. A
+model where no part can be traced gets no groups at all.
 """
 
 from __future__ import annotations
 
 import logging
 import operator
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -89,12 +100,17 @@ class Group:
 
 @dataclass
 class Analysis:
-    """Groups found, and why channels were blocked (empty when nothing was)."""
+    """Groups found, and why channels were blocked (empty when nothing was).
+
+    traced: groups come from a trace (of the whole model, or of some of its parts);
+    reason: why the whole model could not be traced ("" when it was); parts: the submodules
+    traced one by one when it could not (empty when the whole model was traced)."""
 
     groups: list[Group]
     blocked: list[str]
     traced: bool
     reason: str = ""
+    parts: list[str] = field(default_factory=list)
 
 
 class _Tracer(fx.Tracer):
@@ -205,15 +221,115 @@ def analyse(model: nn.Module) -> Analysis:
     try:
         graph = _Tracer().trace(model)
     except Exception as e:  # noqa: BLE001 (any tracing failure means: no permutation)
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        logger.info("permutation: the model cannot be traced with torch.fx (%s)", reason)
-        return Analysis([], [], traced=False, reason=reason)
+        reason = _failure(e)
+        logger.info("permutation: the model cannot be traced with torch.fx (%s); tracing "
+                    "its parts", reason)
+        return _analyse_parts(model, reason)
     return _Walker(model).run(graph)
 
 
+def _failure(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def _sentence(reason: str) -> str:
+    """The first sentence of a failure (torch.fx's hints run on for lines)."""
+    head, dot, _ = reason.partition(". ")
+    return head + ("." if dot else "")
+
+
+def _weight_layers(module: nn.Module) -> int:
+    """Modules under `module` (itself included) that own a weight of dim >= 2."""
+    return sum(1 for m in module.modules()
+               if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() >= 2)
+
+
+def _analyse_parts(model: nn.Module, reason: str) -> Analysis:
+    """Groups of an untraceable model from its traceable parts (module docstring): depth
+    first over children in module order, a child with two or more weight layers is traced
+    on its own, or, where that fails, its children are. A module reachable under two names
+    is skipped (its channels are not followed)."""
+    owners = _parameter_owners(model)
+    names: dict[int, int] = Counter(id(m) for _, m in model.named_modules(
+        remove_duplicate=False))
+    groups: list[Group] = []
+    blocked: list[str] = []
+    parts: list[str] = []
+    failed: list[tuple[str, nn.Module, str]] = []  # (name, module, why) of untraced ones
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    while stack:
+        prefix, parent = stack.pop()
+        todo = []
+        for child_name, child in parent.named_children():
+            name = prefix + child_name
+            if _weight_layers(child) < 2:
+                continue  # one weight layer has no channels of its own to couple
+            if names[id(child)] > 1:
+                blocked.append(f"{name}: module reachable under {names[id(child)]} names")
+                continue
+            try:
+                graph = _Tracer().trace(child)
+            except Exception as e:  # noqa: BLE001
+                failed.append((name, child, _failure(e)))
+                todo.append((name + ".", child))
+                continue
+            part = _Walker(child, prefix=name + ".", owners=owners).run(graph)
+            parts.append(name)
+            groups += part.groups
+            blocked += part.blocked
+        stack.extend(reversed(todo))  # depth first, in module order
+    if not parts:
+        return Analysis([], [], traced=False, reason=reason)
+    # modules whose own weight layers (direct children) no traced part covers
+    uncovered = [(name, _sentence(why)) for name, module, why in failed
+                 if any(_weight_layers(c) == 1 for c in module.children())]
+    head = (f"{type(model).__name__} as a whole: torch.fx cannot trace it ({reason}); "
+            f"channel groups are taken from {len(parts)} traced parts ("
+            + ", ".join(_collapse(parts)) + "), whose inputs and outputs keep their order")
+    lines = [head] + [f"{n}: not traceable ({why})" for n, why in _collapse_pairs(uncovered)]
+    lines += [f"{n}: {why}" for n, why in _collapse_pairs(
+        [tuple(b.split(": ", 1)) if ": " in b else (b, "") for b in blocked])]
+    logger.info("permutation: %d channel groups from %d traced parts of %s", len(groups),
+                len(parts), type(model).__name__)
+    return Analysis(groups, lines, traced=True, reason=reason, parts=parts)
+
+
+def _pattern(name: str) -> str:
+    return re.sub(r"(?<=\.)\d+(?=\.|$)", "*", name)
+
+
+def _collapse(names: list[str]) -> list[str]:
+    """Names with their numeric indices (model.layers.3.mlp) folded into patterns
+    (model.layers.*.mlp), with a count where several fold into one; first-seen order."""
+    counts = Counter(_pattern(n) for n in names)
+    return [p + (f" (x{c})" if c > 1 else "") for p, c in counts.items()]
+
+
+def _collapse_pairs(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(name, reason) pairs folded like `_collapse`, per reason."""
+    counts = Counter((_pattern(n), why) for n, why in pairs)
+    return [(p + (f" (x{c})" if c > 1 else ""), why) for (p, why), c in counts.items()]
+
+
+def _parameter_owners(model: nn.Module) -> dict[int, int]:
+    """How many (module, attribute) places hold each parameter, by id (tied weights: 2+)."""
+    owners: Counter[int] = Counter()
+    for _, module in model.named_modules(remove_duplicate=False):
+        for p in module.parameters(recurse=False):
+            owners[id(p)] += 1
+    return owners
+
+
 class _Walker:
-    def __init__(self, model: nn.Module) -> None:
+    """Walks one traced graph. prefix: the traced module's qualified name plus ".", which
+    members and reasons are named with; owners: `_parameter_owners` of the whole model (a
+    member whose weight is tied elsewhere blocks its channels)."""
+
+    def __init__(self, model: nn.Module, prefix: str = "",
+                 owners: dict[int, int] | None = None) -> None:
         self.model = model
+        self.prefix = prefix
+        self.owners = _parameter_owners(model) if owners is None else owners
         self.u = _Unifier()
         self.values: dict[fx.Node, _Value] = {}
         self.equal: list[tuple[Layout, Layout]] = []
@@ -237,7 +353,7 @@ class _Walker:
                 self.u.blocked.update(s for s, _ in v.layout)
                 hit = True
         if hit:
-            self.reasons.append(f"{node.name}: {why}")
+            self.reasons.append(f"{self.prefix}{node.name}: {why}")
 
     @staticmethod
     def width(layout: Layout) -> int | None:
@@ -258,6 +374,13 @@ class _Walker:
                     if n == name:
                         self.u.blocked.update(s for s, _ in layout)
                 self.reasons.append(f"{name}: called {count} times")
+        tied = sorted({n for _role, n, m, _ in self.items if any(
+            self.owners.get(id(p), 1) > 1 for p in m.parameters(recurse=False))})
+        for name in tied:  # permuting it would change the other holder of its weight
+            for _role, n, _, layout in self.items:
+                if n == name:
+                    self.u.blocked.update(s for s, _ in layout)
+            self.reasons.append(f"{name}: weight tied with another module")
         self.u.unify(self.equal)
         return self.collect()
 
@@ -279,7 +402,7 @@ class _Walker:
         return _Value(None)
 
     def visit_module(self, node: fx.Node, m: nn.Module) -> _Value:
-        name = str(node.target)
+        name = self.prefix + str(node.target)
         x = self.arg(node)
         if any(True for _ in m.parameters(recurse=False)):
             self.calls[name] = self.calls.get(name, 0) + 1
