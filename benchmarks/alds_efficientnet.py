@@ -3,7 +3,7 @@ with `alds`: post-training (ALDS with the paper's and with the code's error, and
 uniform-rank SVD baseline), then ALDS + a SHORT distillation on unlabelled photo views
 (a REDUCED protocol: --steps Adam steps of --batch random crops, BatchNorm kept in eval
 mode). Every Conv2d with groups = 1 and the classifier are factorised (min_weights=0);
-depthwise convs stay dense (METHODS.md, ALDS "Layers and budget").
+depthwise convs stay dense (docs/methods/alds.md#layers-and-budget).
 
 No ImageNet labels exist offline: fidelity to the original (top-1 agreement, KL) is
 measured on scikit-image's photos (`photo_views`: 92 fixed views). Distillation trains on

@@ -1,6 +1,6 @@
 """How many SR-C passes (I) PQF's annealed k-means needs: MSE and time against plain
 k-means (Lloyd, random init as PQF's code; and k-means++) on real weights, to choose the
-default I (METHODS.md, PQF, "Annealed k-means").
+default I (docs/methods/pqf.md#annealed-k-means).
 
 Weights: pretrained EfficientNet-Lite0's pointwise convs (subvectors of d=4 consecutive
 input channels, k=256, the paper's 1x1 setting; each output row divided by its max |w|

@@ -12,7 +12,7 @@ functions where compress calls them (instrumentation only: their results are unt
 the saved file's bytes; bits per weight (file bits per weight of the model, and the
 compressed layers' stored bits per weight); perplexity on held-out text before and after;
 peak RSS. Nothing is calibrated or trained (PQF quantizes each layer from its own weights),
-so all the text is held out: the licence documents of `netshrink.pretrained.local_text()`
+so all the text is held out: the licence documents of `netshrink_lab.pretrained.local_text()`
 (its paragraphs, grouped back into their documents), the first `--doc-tokens` tokens of
 each, scored in windows of `--window` tokens.
 
@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 import netshrink
-from netshrink.pretrained import LICENSES, local_text, smollm2
+from netshrink_lab.pretrained import LICENSES, local_text, smollm2
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -58,7 +58,11 @@ class StageClock:
 
     def wrap(self, module_name: str, attr: str, stage: str,
              describe: Callable[..., Any] | None = None) -> None:
-        module = importlib.import_module(module_name)  # netshrink.methods is shadowed
+        # "module:Class" wraps a method of a class; importlib: netshrink.methods is shadowed
+        module_name, _, cls = module_name.partition(":")
+        module = importlib.import_module(module_name)
+        if cls:
+            module = getattr(module, cls)
         fn = getattr(module, attr, None)
         if fn is None:
             self.missing.append(f"{module_name}.{attr}")
@@ -145,10 +149,10 @@ def main() -> None:
     clock = StageClock()
     pqf, permute = "netshrink.methods.pqf", "netshrink.methods.pqf.permute"
     clock.wrap(permute, "analyse", "channel groups (torch.fx trace)")
-    clock.wrap(pqf, "analyse", "channel groups (torch.fx trace)")  # the search memo's path
-    clock.wrap(pqf, "plan", "size planner")
+    clock.wrap(pqf, "analyse", "channel groups (torch.fx trace)")  # survey's path
+    clock.wrap(pqf + ":PQFMethod", "plan", "size planner")
     clock.wrap(permute, "search", "permutation search (all groups)")
-    clock.wrap(pqf, "kmeans", "SR-C k-means (all layers)",
+    clock.wrap("netshrink.palette", "kmeans", "SR-C k-means (all layers)",
                lambda x, k, **kw: [int(x.shape[0]), int(x.shape[1]), int(k)])
 
     n = model.config.num_hidden_layers if args.layers is None else args.layers

@@ -151,7 +151,7 @@ def test_untraceable_model_gets_no_permutation_and_still_compresses(saved_report
 
 def _tiny_llama():
     """A 2-layer Llama (random weights, tied embedding) like SmolLM2, from transformers."""
-    netshrink.pretrained.torchvision_shim()
+    netshrink.compat.torchvision_shim()
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=96,

@@ -10,17 +10,17 @@ SCRIPT = textwrap.dedent("""
     import torch
     from torch import nn
     import netshrink
-    from netshrink.methods.kmeans import KMeansMethod
-    from netshrink.train import StepHook
+    import netshrink.train.loop as loop
 
     ckpt, out, resume, kill_at = sys.argv[1], sys.argv[2], sys.argv[3] == "1", int(sys.argv[4])
+    train_step = loop._train_step
 
-    class Kill(StepHook):
-        def before_step(self, model, step):
-            if step == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
+    def killing_step(run, batch):  # SIGKILL before the optimizer step numbered kill_at
+        if run.global_step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return train_step(run, batch)
 
-    KMeansMethod.hooks = lambda self, model, config: [Kill()]
+    loop._train_step = killing_step
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 16, 3), nn.BatchNorm2d(16), nn.ReLU(),
                           nn.Conv2d(16, 32, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),

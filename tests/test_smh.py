@@ -60,7 +60,7 @@ def test_variable_count_equals_the_budget(name, fraction):
     bank = bank_of(small)
     n = math.ceil(math.sqrt(n_values))
     assert bank.n == n and bank.n_values == n_values
-    assert bank.rank == budget // (2 * n)  # the code's rounding (METHODS.md: floor)
+    assert bank.rank == budget // (2 * n)  # the code's rounding (docs/methods/smh.md#budget: floor)
     assert bank.variables() == 2 * bank.rank * n <= budget < 2 * (bank.rank + 1) * n
     # every conv/linear weight is hashed; the only other trainables are scalars and norms
     layers = dict(compressed_layers(small))

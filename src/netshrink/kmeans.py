@@ -10,7 +10,7 @@ same result, bit for bit. PQF (product quantization) and DKM (initial centroids)
 this module.
 
 `anneal=I` switches Lloyd's updates to SR-C, the stochastic relaxation of Zeger, Vaisey &
-Gersho (1992) that PQF uses (METHODS.md, PQF, "Annealed k-means"): I+1 passes; pass i
+Gersho (1992) that PQF uses (docs/methods/pqf.md#annealed-k-means): I+1 passes; pass i
 assigns the clean points, then moves each centroid to the mean of its points perturbed by
 fresh Gaussian noise of per-dimension std times (1 - i/I)^0.5, so the last pass is a plain
 noise-free Lloyd step (the noise of a cluster's mean is drawn directly, `_sr_c`).
@@ -279,7 +279,8 @@ def _fit(x: torch.Tensor, k: int, gen: torch.Generator, iters: int,
 
 def _sr_c(x: torch.Tensor, k: int, centroids: torch.Tensor, passes: int,
           gen: torch.Generator, chunk: int) -> KMeansResult:
-    """SR-C (METHODS.md, PQF): for i = 0..I, labels from the clean points, centroids = mean
+    """SR-C (docs/methods/pqf.md#annealed-k-means): for i = 0..I, labels from the clean points,
+    centroids = mean
     of X + (1 - i/I)^0.5 * N(0, 1) * std_dim over each cluster; empty clusters re-seeded.
 
     The mean of m points each perturbed by independent N(0, s^2) noise is their clean mean

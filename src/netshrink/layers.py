@@ -376,7 +376,8 @@ class PalettizedLayer(CompressedLayer):
     """Weight = codebook[codes] (x per-row scale): palettization / product quantization.
 
     Rows are the weight's output channels (`out_axis_of`), each cut into subvectors of d
-    consecutive entries (C_in-major, then kh, kw: PQF's layout, METHODS.md). codes:
+    consecutive entries (C_in-major, then kh, kw: PQF's layout, docs/methods/pqf.md#subvectors).
+    codes:
     (rows, row_len / d) int32 buffer; codebook: (k, d) trainable (fp32 in memory, stored
     at `codebook_dtype`); scale: optional (rows,) trainable per-output-channel scale.
     Codes are stored bit-packed at ceil(log2 k) bits.

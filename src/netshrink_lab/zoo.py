@@ -145,7 +145,7 @@ class ResNetCifar(nn.Module):
     """CIFAR ResNet-(6n+2): 16-channel 3x3 stem, stages of n blocks at 16/32/64 channels.
 
     `widths` replaces the three stage widths (the stem takes the first): thinner networks
-    of the same depth, the width-multiplier baseline of SMH (METHODS.md, SMH "Reported").
+    of the same depth, the width-multiplier baseline of SMH (docs/methods/smh.md#reported-results).
     """
 
     def __init__(self, depth_n: int, in_channels: int, num_classes: int, shortcut: str,

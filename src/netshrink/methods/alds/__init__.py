@@ -1,6 +1,6 @@
 """`alds`: optimal layer-wise grouped low-rank decomposition (Liebenwein et al., NeurIPS
 2021, "Compressing Neural Networks: Towards Determining the Optimal Layer-wise
-Decomposition"); METHODS.md, section ALDS.
+Decomposition"); docs/methods/alds.md.
 
 Every Conv2d (groups = 1) and Linear layer is folded to f x (c·kh·kw), its input channels
 split into k groups, each group truncated to rank j by SVD, and run as a grouped conv plus

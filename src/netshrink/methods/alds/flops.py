@@ -1,7 +1,7 @@
 """Multiply-accumulate counts of Conv2d / Linear layers, factorised layers included.
 
-ALDS reports FLOPs of both modules of a factorised layer (METHODS.md, ALDS
-"Decomposition"): the grouped encoder (j·k outputs, c/k·kh·kw each) and the 1x1 decoder
+ALDS reports FLOPs of both modules of a factorised layer (docs/methods/alds.md#flops): the grouped
+encoder (j·k outputs, c/k·kh·kw each) and the 1x1 decoder
 (f outputs, j·k each), per output position. Dense layers count out_positions ·
 (c/groups)·kh·kw · f. Counted with forward hooks on one real forward pass.
 """

@@ -1,6 +1,6 @@
 """`LowRankLayer`: ALDS's grouped low-rank factorisation of one Conv2d / Linear layer.
 
-METHODS.md, ALDS "Decomposition" (Liebenwein et al., NeurIPS 2021, §3): the weight
+docs/methods/alds.md#decomposition (Liebenwein et al., NeurIPS 2021, §3): the weight
 (f, c, kh, kw) is folded to f x (c·kh·kw); the c input channels are split into k equal,
 consecutive groups; each group's f x (c/k·kh·kw) block W_g is truncated to rank j by SVD,
 W_g ≈ (U_g sqrt(S_g)) (sqrt(S_g) V_g^T). The layer then really runs two smaller ops:
@@ -39,7 +39,7 @@ def factorize(weight: torch.Tensor, groups: int, rank: int
 
     encoder: (rank·groups, c/groups, *kernel); decoder: (f, rank·groups). Each group's
     block is factored in float64 and sqrt(S) is split between the two factors
-    (METHODS.md ALDS "Decomposition"), so both factors have comparable scales.
+    (docs/methods/alds.md#decomposition), so both factors have comparable scales.
     """
     f, c = weight.shape[0], weight.shape[1]
     kernel = tuple(weight.shape[2:])

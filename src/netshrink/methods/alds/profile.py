@@ -1,4 +1,4 @@
-"""Per-layer error and size tables for ALDS's solver (METHODS.md, ALDS "Error").
+"""Per-layer error and size tables for ALDS's solver (docs/methods/alds.md#error).
 
 For a layer folded to W (f x c·kh·kw) with k input-channel groups W_1..W_k and every group
 at rank j, the relative operator-norm error ||W - W^||_2 / ||W||_2 is bounded by
@@ -25,7 +25,8 @@ ERROR_MODES = ("paper", "code")
 
 
 def divisors(n: int) -> list[int]:
-    """All divisors of n, ascending (ALDS's candidate group counts, METHODS.md)."""
+    """All divisors of n, ascending (ALDS's candidate group counts,
+    docs/methods/alds.md#decomposition)."""
     small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
     return sorted(set(small + [n // d for d in small]))
 

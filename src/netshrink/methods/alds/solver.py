@@ -1,6 +1,6 @@
 """ALDS's allocation: groups k and rank j per layer under one global size budget.
 
-METHODS.md, ALDS "Solver" (Liebenwein et al. 2021, §3.3, Algorithm 1): minimise the
+docs/methods/alds.md#solver (Liebenwein et al. 2021, §3.3, Algorithm 1): minimise the
 largest relative layer error subject to the budget, alternating
 
 - global step (k fixed per layer): one common error level eps, found by bisection, such
@@ -19,7 +19,8 @@ eps. What the chosen ranks leave of the budget is then
 spent greedily, one rank step at a time on the worst layer that still fits, so that the
 final size is within one rank step of the budget.
 
-Baselines (METHODS.md: Table 1's SVD and SVD-Energy), all at k = 1: `svd` gives every
+Baselines (docs/methods/alds.md#baselines: Table 1's SVD and SVD-Energy), all at k = 1: `svd` gives
+every
 layer the same relative rank j / jmax; `svd-energy` the smallest rank whose residual
 energy share is at most one common threshold; `alds-k1` ALDS's minimax ranks at k = 1.
 Sizes are in any additive unit (bits, or parameters for the paper's keep ratio).

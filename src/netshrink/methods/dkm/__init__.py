@@ -11,7 +11,7 @@ its nearest centroid; the saved layer is the foundation's `PalettizedLayer`: cod
 bit-packed at b bits per vector, the (k, d) codebook in fp16, and with `per_channel` a
 per-output-channel scale (max |w| of the row, coremltools' `enable_per_channel_scale`).
 
-Temperature (METHODS.md "Defaults"). The paper's tau is one global constant per
+Temperature (docs/methods/dkm.md#temperature). The paper's tau is one global constant per
 experiment acting on raw squared distances (Table 7 values in `PAPER_TAU`); pass it as
 `tau=`. The default is scale-relative: tau_l = `tau_rel` x (mean squared distance of layer
 l's vectors to their nearest initial centroid), i.e. relative to the layer's own hard

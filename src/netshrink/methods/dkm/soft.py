@@ -2,7 +2,7 @@
 
 `naive_dkm` is the paper's algorithm written with plain autograd ops: every iteration's
 (N/d x k) distance and attention tensors stay alive for backward, memory
-O(iterations x N/d x 2^b) (METHODS.md, "Memory"). It is the reference the tests compare
+O(iterations x N/d x 2^b) (docs/methods/dkm.md#memory). It is the reference the tests compare
 against.
 
 `dkm` computes the same function with a custom `torch.autograd.Function` that never holds

@@ -1,6 +1,6 @@
-"""`pqf`: Permute, Quantize, and Fine-tune (Martinez et al., CVPR 2021; METHODS.md, PQF).
+"""`pqf`: Permute, Quantize, and Fine-tune (Martinez et al., CVPR 2021; docs/methods/pqf.md).
 
-1. Product quantization (METHODS.md, "Subvectors"): each output row of a conv / linear
+1. Product quantization (docs/methods/pqf.md#subvectors): each output row of a conv / linear
    weight is cut into subvectors of d consecutive entries (C_in-major, then kh, kw); each
    subvector is replaced by the nearest of k codewords of a per-layer fp16 codebook; the
    codes are stored bit-packed at log2(k) bits (`layers.PalettizedLayer`, shared with
@@ -20,7 +20,8 @@ permutation objective also comes from: D = n det(Sigma_d)^(1/d) k^(-2/d).
 
 Depthwise convs (rows of a single kh x kw kernel) are decided by the planner among: kept
 dense, or quantized with a per-output-channel scale at d = kh*kw or d = kw (a
-per-tensor codebook without scale collapses them; DESIGN.md). `depthwise="scale"` or
+per-tensor codebook without scale collapses them; docs/design.md#per-channel-scales).
+`depthwise="scale"` or
 `"dense"` forces one. The stem (the first weight layer) stays dense by default.
 
 Report (`netshrink.report(model).notes`, saved in the file): the permutation's outcome
@@ -118,7 +119,7 @@ class PQFConfig:
 
 def official_finetune(epochs: int = 9, batch_size: int | None = 128, distill: bool = False,
                       **options: Any) -> Finetune:
-    """The official fine-tuning recipe (METHODS.md, PQF, "Fine-tuning"): Adam lr 1e-3,
+    """The official fine-tuning recipe (docs/methods/pqf.md#fine-tuning): Adam lr 1e-3,
     cosine decay per batch to 1e-6, plain cross-entropy (distill=True adds the
     foundation's distillation from the original, as the predecessor BGD does)."""
     settings: dict[str, Any] = dict(epochs=epochs, optimizer="adam", lr=1e-3,

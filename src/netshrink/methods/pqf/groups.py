@@ -1,5 +1,5 @@
-"""Coupled channel groups of a network, found from its torch.fx graph (METHODS.md, PQF,
-"Permutation objective" and "Permutation search").
+"""Coupled channel groups of a network, found from its torch.fx graph
+(docs/methods/pqf.md#permutation-groups).
 
 A *group* is a set of channels that one permutation may reorder without changing the
 function: every layer that writes them (conv / linear output rows, with the BatchNorms

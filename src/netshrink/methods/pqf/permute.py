@@ -1,4 +1,5 @@
-"""PQF's permutation step (METHODS.md, PQF, "Permutation objective" / "Permutation search";
+"""PQF's permutation step (docs/methods/pqf.md#permutation-objective,
+docs/methods/pqf.md#permutation-search;
 Martinez et al. 2021, Sec. 3.2): reorder the channels of each coupled group so that the
 readers' subvectors are easier to quantize.
 
@@ -167,7 +168,8 @@ def scorable(member: Member, size: int, d: int | None) -> bool:
 
 
 def greedy_start(state: ReaderState, size: int) -> np.ndarray:
-    """METHODS.md's greedy start: rank channels, c buckets, subvector j = j-th of each."""
+    """The greedy start (docs/methods/pqf.md#permutation-search): rank channels, c buckets,
+    subvector j = j-th of each."""
     if state.k2 == 1:
         score = state.part[:, :, 0].var(0)
     else:

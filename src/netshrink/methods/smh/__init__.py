@@ -21,7 +21,7 @@ every layer at its He fan-out std (training from scratch, the paper's setting: p
 `Finetune(distill_weight=0.0)` or train with `netshrink.train.fit`). `init="svd"` (the
 default, for a trained model) starts from the truncated SVD of the tiled weights, each
 layer divided by its He std: the best rank-M fit (Eckart-Young), then distillation from
-the original through `compress(..., finetune=Finetune(...))` (METHODS.md SMH "Training").
+the original through `compress(..., finetune=Finetune(...))` (docs/methods/smh.md#training).
 
 Expansion: by default every layer regenerates its slice in every call (`U[rows] @ V`,
 peak extra memory one layer's rows x n); `cache=True` keeps the whole U @ V (n^2 floats,

@@ -1,6 +1,7 @@
 """SMH's stored form: one shared bank (U, V) and per-layer views of it.
 
-Structured multi-hashing (Eban et al., CVPR 2020, §3.1 Eq. 2-4; METHODS.md "SMH"): the
+Structured multi-hashing (Eban et al., CVPR 2020, §3.1 Eq. 2-4;
+docs/methods/smh.md#representation): the
 N covered values (every chosen layer's weight, then its bias, in creation order) are laid
 row-major into a virtual n x n matrix, n = ceil(sqrt(N)); that matrix is U @ V with U
 (n x M) and V (M x n). Value j is <U[j // n], V[:, j % n]>, so each value depends on 2M
@@ -41,7 +42,8 @@ LAYER_KIND = "smh"
 
 
 def he_fan_out_std(shape: tuple[int, ...], out_axis: int) -> float:
-    """The prescribed per-layer scale (METHODS.md SMH §3.3-3.4, official code): convs
+    """The prescribed per-layer scale (docs/methods/smh.md#initialisation-and-scale; §3.3-3.4,
+    official code): convs
     sqrt(2 / (kh * kw * out)), dense layers 1 / sqrt(out)."""
     out = shape[out_axis]
     kernel = math.prod(shape[2:]) if len(shape) > 2 else 1
@@ -102,7 +104,7 @@ class HashBank(StoredModule):
 
     def init_svd(self, matrix: torch.Tensor) -> None:
         """The best rank-M fit of `matrix` (n x n): truncated SVD, sqrt(S) split evenly
-        (METHODS.md SMH "Training", start from a pretrained model)."""
+        (docs/methods/smh.md#training, start from a pretrained model)."""
         m = self.rank
         a = matrix.double()
         if m >= self.n // 4:
