@@ -11,7 +11,7 @@ import netshrink
 from netshrink.layers import PalettizedLayer, compressed_layers
 from netshrink.methods import get_method
 from netshrink.palette import palette_bits
-from netshrink.size import Budget, Option, parse_target
+from netshrink.size import Budget, Option, fp32_bits, parse_target
 
 
 @pytest.mark.parametrize("method", netshrink.methods())
@@ -85,3 +85,23 @@ def test_pqf_keeps_a_stem_conv_dense_but_not_a_first_linear():
     small = netshrink.compress(convnet, "pqf", "x8", min_weights=0, permute_iters=100)
     assert {n for n, _ in compressed_layers(small)} == {"2"}
     assert any("0 (stem, as in the paper)" in line for line in netshrink.report(small).notes)
+
+
+@pytest.mark.parametrize("target", ["x30", "2000B", "0.5bit"])
+def test_infeasible_error_names_a_target_that_is_met(target, tmp_path):
+    """InfeasibleTargetError.feasible is the tightest target checked by planning at it:
+    compressing at it succeeds and the file meets it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 10))
+    with pytest.raises(netshrink.InfeasibleTargetError) as caught:
+        netshrink.compress(model, "kmeans", target, min_weights=256)
+    feasible = caught.value.feasible
+    assert feasible is not None and feasible != target
+    size = netshrink.save(netshrink.compress(model, "kmeans", feasible, min_weights=256),
+                          tmp_path / "m.nsk")
+    tgt = netshrink.parse_target(feasible)
+    if tgt.kind == "bytes":
+        assert size <= tgt.value
+    elif tgt.kind == "ratio":
+        assert size * tgt.value <= fp32_bits(model) / 8

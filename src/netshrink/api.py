@@ -241,21 +241,30 @@ def _checked_feasible(context: _Context, request: Request, survey: Any,
                       error: InfeasibleTargetError) -> InfeasibleTargetError:
     """`error` with its `feasible` target checked by planning at it: the method computed it
     with the header it had reserved, and the smallest plan's header may differ. Planned
-    again (with the measured header) until a plan fits; None when none does."""
+    (with the measured header) until a plan fits; the error is then raised again for the
+    user's target with that plan's header, so its numbers are those of the smallest file.
+    `feasible` is None when no plan fits."""
+    checked = error
     for _ in range(3):
-        if error.feasible is None:
-            return error
+        if checked.feasible is None:
+            break
         try:
             plan, budget = _plan(dataclasses.replace(context, target=parse_target(
-                error.feasible)), request, survey, None, check_feasible=False)
+                checked.feasible)), request, survey, None, check_feasible=False)
         except InfeasibleTargetError as again:
-            error = again
+            checked = again
             continue
         stored, header = _planned_size(context, request.model, plan)
         file_bits = budget.file_bits()
-        if file_bits is None or stored + 8 * header <= file_bits:
-            return error
-        break
+        if file_bits is not None and stored + 8 * header > file_bits:
+            break
+        feasible = checked.feasible
+        try:
+            _plan(context, request, survey, header, check_feasible=False)
+        except InfeasibleTargetError as final:
+            final.feasible = feasible
+            return final
+        return InfeasibleTargetError(str(error), feasible)  # not reached in practice
     error.feasible = None
     return error
 
