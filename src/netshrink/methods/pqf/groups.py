@@ -20,7 +20,7 @@ another layer's) *blocks* the spaces it touches: those channels keep their order
 
 A model that torch.fx cannot trace as a whole (a Hugging Face transformer: keyword-only
 wrappers, tuple arguments, data-dependent branches) is analysed part by part
-(`_analyse_parts`): each child module with at least two weight layers is traced on its
+(`parts.analyse_parts`): each child module with at least two weight layers is traced on its
 own, and where that fails too, its children are, recursively. A traced part's inputs and
 outputs are blocked like a model's, so only channels inside it (e.g. a Llama MLP's
 intermediate channels: gate and up projections' rows, down projection's columns) are
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import operator
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -224,91 +223,13 @@ def analyse(model: nn.Module) -> Analysis:
         reason = _failure(e)
         logger.info("permutation: the model cannot be traced with torch.fx (%s); tracing "
                     "its parts", reason)
-        return _analyse_parts(model, reason)
+        from .parts import analyse_parts  # it builds on this module's walker
+        return analyse_parts(model, reason)
     return _Walker(model).run(graph)
 
 
 def _failure(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-
-
-def _sentence(reason: str) -> str:
-    """The first sentence of a failure (torch.fx's hints run on for lines)."""
-    head, dot, _ = reason.partition(". ")
-    return head + ("." if dot else "")
-
-
-def _weight_layers(module: nn.Module) -> int:
-    """Modules under `module` (itself included) that own a weight of dim >= 2."""
-    return sum(1 for m in module.modules()
-               if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() >= 2)
-
-
-def _analyse_parts(model: nn.Module, reason: str) -> Analysis:
-    """Groups of an untraceable model from its traceable parts (module docstring): depth
-    first over children in module order, a child with two or more weight layers is traced
-    on its own, or, where that fails, its children are. A module reachable under two names
-    is skipped (its channels are not followed)."""
-    owners = _parameter_owners(model)
-    names: dict[int, int] = Counter(id(m) for _, m in model.named_modules(
-        remove_duplicate=False))
-    groups: list[Group] = []
-    blocked: list[str] = []
-    parts: list[str] = []
-    failed: list[tuple[str, nn.Module, str]] = []  # (name, module, why) of untraced ones
-    stack: list[tuple[str, nn.Module]] = [("", model)]
-    while stack:
-        prefix, parent = stack.pop()
-        todo = []
-        for child_name, child in parent.named_children():
-            name = prefix + child_name
-            if _weight_layers(child) < 2:
-                continue  # one weight layer has no channels of its own to couple
-            if names[id(child)] > 1:
-                blocked.append(f"{name}: module reachable under {names[id(child)]} names")
-                continue
-            try:
-                graph = _Tracer().trace(child)
-            except Exception as e:  # noqa: BLE001
-                failed.append((name, child, _failure(e)))
-                todo.append((name + ".", child))
-                continue
-            part = _Walker(child, prefix=name + ".", owners=owners).run(graph)
-            parts.append(name)
-            groups += part.groups
-            blocked += part.blocked
-        stack.extend(reversed(todo))  # depth first, in module order
-    if not parts:
-        return Analysis([], [], traced=False, reason=reason)
-    # modules whose own weight layers (direct children) no traced part covers
-    uncovered = [(name, _sentence(why)) for name, module, why in failed
-                 if any(_weight_layers(c) == 1 for c in module.children())]
-    head = (f"{type(model).__name__} as a whole: torch.fx cannot trace it ({reason}); "
-            f"channel groups are taken from {len(parts)} traced parts ("
-            + ", ".join(_collapse(parts)) + "), whose inputs and outputs keep their order")
-    lines = [head] + [f"{n}: not traceable ({why})" for n, why in _collapse_pairs(uncovered)]
-    lines += [f"{n}: {why}" for n, why in _collapse_pairs(
-        [tuple(b.split(": ", 1)) if ": " in b else (b, "") for b in blocked])]
-    logger.info("permutation: %d channel groups from %d traced parts of %s", len(groups),
-                len(parts), type(model).__name__)
-    return Analysis(groups, lines, traced=True, reason=reason, parts=parts)
-
-
-def _pattern(name: str) -> str:
-    return re.sub(r"(?<=\.)\d+(?=\.|$)", "*", name)
-
-
-def _collapse(names: list[str]) -> list[str]:
-    """Names with their numeric indices (model.layers.3.mlp) folded into patterns
-    (model.layers.*.mlp), with a count where several fold into one; first-seen order."""
-    counts = Counter(_pattern(n) for n in names)
-    return [p + (f" (x{c})" if c > 1 else "") for p, c in counts.items()]
-
-
-def _collapse_pairs(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """(name, reason) pairs folded like `_collapse`, per reason."""
-    counts = Counter((_pattern(n), why) for n, why in pairs)
-    return [(p + (f" (x{c})" if c > 1 else ""), why) for (p, why), c in counts.items()]
 
 
 def _parameter_owners(model: nn.Module) -> dict[int, int]:
