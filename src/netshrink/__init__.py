@@ -23,6 +23,7 @@ from .layers import CompressedLayer, PalettizedLayer
 from .methods import Method, get_method, methods, register_method
 from .report import Report, report
 from .size import Target, model_bits, parse_target
+from .synthetic import synthesize_inputs
 from .train import Finetune, StepHook, agreement, evaluate, fidelity, fit
 
 __version__ = "0.1.0"
@@ -33,5 +34,5 @@ __all__ = [
     "NonFiniteError", "PalettizedLayer", "Report", "StepHook", "Target", "agreement",
     "compress", "evaluate", "fidelity", "fit", "get_method", "inspect_file",
     "kmeans", "load", "methods", "model_bits", "parse_target", "register_method", "report",
-    "save", "sqnr_db",
+    "save", "sqnr_db", "synthesize_inputs",
 ]
