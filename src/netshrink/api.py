@@ -213,7 +213,7 @@ def _plan(context: _Context, request: Request, survey: Any, reserve: int | None,
         except InfeasibleTargetError as error:
             if not check_feasible:
                 raise
-            raise _checked_feasible(context, request, survey, error) from None
+            return _after_infeasible(context, request, survey, error)
         file_bits = budget.file_bits()
         if file_bits is None:
             return plan, budget
@@ -237,13 +237,14 @@ def _planned_size(context: _Context, student: nn.Module, plan: Plan) -> tuple[in
     return model_bits(skeleton), header_bytes(skeleton) + _header_slack(len(plan.layers))
 
 
-def _checked_feasible(context: _Context, request: Request, survey: Any,
-                      error: InfeasibleTargetError) -> InfeasibleTargetError:
-    """`error` with its `feasible` target checked by planning at it: the method computed it
-    with the header it had reserved, and the smallest plan's header may differ. Planned
-    (with the measured header) until a plan fits; the error is then raised again for the
-    user's target with that plan's header, so its numbers are those of the smallest file.
-    `feasible` is None when no plan fits."""
+def _after_infeasible(context: _Context, request: Request, survey: Any,
+                      error: InfeasibleTargetError) -> tuple[Plan, Budget]:
+    """The method found the target infeasible with the header it had reserved, an estimate;
+    `error.feasible` was computed with it too. Plan at `error.feasible` (with the measured
+    header) until a plan fits, then plan the user's target again with that plan's header:
+    it may fit after all (the estimate was too large), and the plan is returned; otherwise
+    that error is raised, its numbers those of the smallest file and `feasible` a target
+    checked by planning. `feasible` is None when no plan fits."""
     checked = error
     for _ in range(3):
         if checked.feasible is None:
@@ -258,15 +259,13 @@ def _checked_feasible(context: _Context, request: Request, survey: Any,
         file_bits = budget.file_bits()
         if file_bits is not None and stored + 8 * header > file_bits:
             break
-        feasible = checked.feasible
         try:
-            _plan(context, request, survey, header, check_feasible=False)
+            return _plan(context, request, survey, header, check_feasible=False)
         except InfeasibleTargetError as final:
-            final.feasible = feasible
-            return final
-        return InfeasibleTargetError(str(error), feasible)  # not reached in practice
+            final.feasible = checked.feasible
+            raise final from None
     error.feasible = None
-    return error
+    raise error from None
 
 
 def _skeleton(student: nn.Module, plan: Plan) -> nn.Module:
