@@ -305,6 +305,11 @@ PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field",
           "grass", "gravel")
 """The scikit-image sample images that ship with the package (others need a download)."""
 
+# Calibration and evaluation never share a photo: recovery stages are tuned on views of
+# CALIBRATION_PHOTOS and scored on views of EVALUATION_PHOTOS (split by photo, not by view).
+CALIBRATION_PHOTOS = PHOTOS[0::2]
+EVALUATION_PHOTOS = PHOTOS[1::2]
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

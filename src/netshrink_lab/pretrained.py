@@ -83,6 +83,22 @@ def smollm2() -> tuple[nn.Module, Any]:
     return model.eval(), tokenizer
 
 
+def local_documents() -> dict[str, str]:
+    """The licence texts in Debian's base-files (/usr/share/common-licenses), one document
+    per file (symlinks skipped), by file name."""
+    if not LICENSES.is_dir():
+        raise DataError(f"{LICENSES} is missing (Debian's base-files package provides it)")
+    return {path.name: path.read_text(errors="replace") for path in sorted(LICENSES.iterdir())
+            if path.is_file() and not path.is_symlink()}
+
+
+def is_calibration_document(name: str) -> bool:
+    """Calibration and evaluation texts are split by document, never within one: the GNU
+    licences (GPL, LGPL, GFDL) calibrate, the others (Apache, Artistic, BSD, CC0, MPL) are
+    scored."""
+    return name.startswith(("GPL", "LGPL", "GFDL"))
+
+
 def local_text(min_chars: int = 200) -> list[str]:
     """Paragraphs of the licence texts in Debian's base-files (/usr/share/common-licenses):
     real English text that exists offline, one string per paragraph of >= min_chars."""
