@@ -222,3 +222,17 @@ def test_header_overhead_on_resnet20(target, tmp_path):
     assert header <= max(0.01 * size, 8192), (header, size)
     x = torch.randn(2, 1, 28, 28)
     assert torch.equal(netshrink.load(tmp_path / "r20.nsk")(x), small(x))
+
+
+def test_atomic_write_gives_the_permissions_of_a_plain_open(tmp_path):
+    """Files are written through a 0600 temp file: the result must not keep that mode."""
+    from netshrink.atomic import atomic_write
+
+    plain = tmp_path / "plain.bin"
+    plain.write_bytes(b"x")
+    atomic = tmp_path / "atomic.bin"
+    atomic_write(atomic, b"x")
+    assert atomic.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+    os.chmod(atomic, 0o640)
+    atomic_write(atomic, b"y")  # an existing file keeps its mode
+    assert atomic.stat().st_mode & 0o777 == 0o640
