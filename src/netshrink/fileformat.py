@@ -256,7 +256,7 @@ def from_bytes(raw: bytes, model_like: nn.Module | None = None) -> nn.Module:
     manifest = read_manifest(raw)
     reader = read_payload(raw, manifest)
     try:
-        return _rebuild(manifest, reader, model_like)
+        return _rebuild(manifest, reader, model_like, len(raw))
     except (FormatError, ConfigError):
         raise
     except (RuntimeError, ValueError, TypeError, KeyError, IndexError, AttributeError,
@@ -284,11 +284,11 @@ def read_payload(raw: bytes, manifest: dict[str, Any]) -> _BlobReader:
     return reader
 
 
-def _rebuild(manifest: dict[str, Any], reader: _BlobReader, model_like: nn.Module | None
-             ) -> nn.Module:
+def _rebuild(manifest: dict[str, Any], reader: _BlobReader, model_like: nn.Module | None,
+             file_bytes: int = 0) -> nn.Module:
     """Structure first, memory last: every layer is built on the meta device and every
     shape checked against the file's bytes and the model before anything is allocated."""
-    model = _instantiate(manifest, model_like)
+    model = _instantiate(manifest, model_like, file_bytes)
     notes: list[str] = []
     pending: list[tuple[StoredModule, dict[str, Any]]] = []
     for name, entry in manifest["layers"].items():
@@ -331,10 +331,20 @@ def _note_cast(notes: list[str], name: str, stored: Encoding, slot: Encoding) ->
         notes.append(f"{name}: stored as {stored.name}, cast to {slot.name} (model_like)")
 
 
-def _instantiate(manifest: dict[str, Any], model_like: nn.Module | None) -> nn.Module:
+def _lost_buffers(model: nn.Module) -> list[str]:
+    """Meta buffers that no file stores (non-persistent, e.g. rotary frequencies)."""
+    persistent = set(model.state_dict())
+    return [n for n, b in model.named_buffers() if b.is_meta and n not in persistent]
+
+
+def _instantiate(manifest: dict[str, Any], model_like: nn.Module | None,
+                 file_bytes: int = 0) -> nn.Module:
     """An empty copy of the architecture: the registered architecture the file names, built
     on the meta device (so no architecture argument can allocate memory), or a copy of
-    model_like. A module the file names is never imported (see `netshrink.arch`)."""
+    model_like. A module the file names is never imported (see `netshrink.arch`).
+    An architecture with non-persistent buffers (which its constructor computes and no
+    file stores) is built again for real, but only when its size is plausible for the file
+    (at most 32 weights per file byte), so a hand-edited argument cannot exhaust memory."""
     if model_like is None:
         arch = manifest.get("arch")
         if not arch:
@@ -346,7 +356,14 @@ def _instantiate(manifest: dict[str, Any], model_like: nn.Module | None) -> nn.M
             raise ConfigError(unregistered_message(arch))
         try:
             with torch.device("meta"):
-                return create_arch(arch["name"], **dict(arch.get("kwargs", {})))
+                model = create_arch(arch["name"], **dict(arch.get("kwargs", {})))
+            if not _lost_buffers(model):
+                return model
+            numel = sum(t.numel() for t in model.state_dict().values())
+            if numel > 32 * file_bytes:
+                raise FormatError(f"architecture {arch['name']!r} has {numel} weights, "
+                                  f"implausible for a file of {file_bytes} bytes")
+            return create_arch(arch["name"], **dict(arch.get("kwargs", {})))
         except ConfigError as e:
             if family_of(arch["name"]) is not None:
                 raise  # e.g. the hf: directory is gone; the message says what to pass
@@ -354,8 +371,7 @@ def _instantiate(manifest: dict[str, Any], model_like: nn.Module | None) -> nn.M
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise FormatError(f"file names an unknown architecture {arch!r}: {e}") from None
     model = copy.deepcopy(model_like)
-    persistent = set(model.state_dict())
-    lost = [n for n, b in model.named_buffers() if b.is_meta and n not in persistent]
+    lost = _lost_buffers(model)
     if lost:
         raise ConfigError(f"model_like is on the meta device but has non-persistent buffers "
                           f"({', '.join(lost[:3])}) that no file stores: pass a real instance")
