@@ -39,7 +39,8 @@ from .errors import ConfigError, DataError
 from .sources import IMAGENET_MEAN, IMAGENET_STD, model_preprocessing
 from .train.metrics import agreement, evaluate, perplexity
 
-__all__ = ["DATA_SPECS", "DataSource", "Score", "load_data", "register_dataset", "score"]
+__all__ = ["DATA_SPECS", "DataSource", "Score", "check_data_spec", "load_data",
+           "register_dataset", "score"]
 
 logger = logging.getLogger(__name__)
 
@@ -353,6 +354,33 @@ def _npz_source(spec: str, path: Path, eval_fraction: float, seed: int, batch_si
 # --------------------------------------------------------------------------- load_data
 
 
+def check_data_spec(spec: str) -> str:
+    """The stripped spec after the checks that need no model (known kind or registered
+    name, the path exists): the command line runs them before loading or training any
+    model. ConfigError / DataError otherwise."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError(f"--data needs a spec: {DATA_SPECS}")
+    spec = spec.strip()
+    prefix, sep, rest = spec.partition(":")
+    if sep and prefix in ("imagefolder", "text", "npz"):
+        if not rest:
+            raise ConfigError(f"--data {spec}: the path after '{prefix}:' is missing")
+        path = Path(rest).expanduser()
+        if not path.exists():
+            raise DataError(f"--data {spec}: {path} does not exist")
+        if prefix == "imagefolder" and not path.is_dir():
+            raise DataError(f"--data {spec}: {path} is not a directory")
+        if prefix == "npz" and not path.is_file():
+            raise DataError(f"--data {spec}: {path} is not a file")
+    elif sep:
+        raise ConfigError(f"unknown data kind {prefix!r} in --data {spec}; use {DATA_SPECS}")
+    elif spec.lower().replace("_", "-") not in _NAMED:
+        hint = " (import netshrink_lab.data first)" if spec == "fashion-mnist" else ""
+        raise ConfigError(f"unknown data set {spec!r}{hint}; use {DATA_SPECS} "
+                          f"(registered: {', '.join(sorted(_NAMED)) or 'none'})")
+    return spec
+
+
 def load_data(spec: str, *, model: nn.Module | None = None, image_size: int | None = None,
               mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
               seq_len: int = 128, batch_size: int = 64, eval_fraction: float = 0.2,
@@ -361,13 +389,9 @@ def load_data(spec: str, *, model: nn.Module | None = None, image_size: int | No
     """The `DataSource` a data spec names (see the module docstring). ``model`` supplies
     the image preprocessing and the tokenizer where the flags do not. A bad spec, a
     missing or empty folder or too few items to split raise ConfigError / DataError."""
-    if not isinstance(spec, str) or not spec.strip():
-        raise ConfigError(f"--data needs a spec: {DATA_SPECS}")
-    spec = spec.strip()
+    spec = check_data_spec(spec)
     prefix, sep, rest = spec.partition(":")
-    if sep and prefix in ("imagefolder", "text", "npz"):
-        if not rest:
-            raise ConfigError(f"--data {spec}: the path after '{prefix}:' is missing")
+    if sep:
         path = Path(rest).expanduser()
         if prefix == "imagefolder":
             source = _image_source(spec, path, model, image_size, mean, std, eval_fraction,
@@ -378,14 +402,8 @@ def load_data(spec: str, *, model: nn.Module | None = None, image_size: int | No
         else:
             source = _npz_source(spec, path, eval_fraction, seed, batch_size, subset_train,
                                  subset_eval)
-    elif sep:
-        raise ConfigError(f"unknown data kind {prefix!r} in --data {spec}; use {DATA_SPECS}")
     else:
         key = spec.lower().replace("_", "-")
-        if key not in _NAMED:
-            hint = " (import netshrink_lab.data first)" if key == "fashion-mnist" else ""
-            raise ConfigError(f"unknown data set {spec!r}{hint}; use {DATA_SPECS} "
-                              f"(registered: {', '.join(sorted(_NAMED)) or 'none'})")
         train, evals = _NAMED[key](batch_size, subset_train=subset_train,
                                    subset_test=subset_eval, seed=seed)
         source = DataSource(key, "image", train, evals, True, len(train.dataset),
