@@ -64,8 +64,8 @@ def _error_line(capsys) -> str:
     return lines[0]
 
 
-@pytest.fixture
-def photos(tmp_path):
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
     """A flat folder of 10 generated photos and torchvision resnet18 random weights."""
     import numpy as np
     from PIL import Image
@@ -73,6 +73,7 @@ def photos(tmp_path):
 
     import netshrink
 
+    tmp_path = tmp_path_factory.mktemp("byom")
     rng = np.random.default_rng(0)
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -87,13 +88,13 @@ def photos(tmp_path):
 def test_bring_your_own_model_readme_flow(photos, tmp_path, capsys, monkeypatch):
     """The README's example, exactly: torchvision resnet18 with weights, a folder of images."""
     folder, weights = photos
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(folder.parent)
     assert main(["compress", "--model", "torchvision:resnet18", "--weights", "r18.safetensors",
                  "--data", "imagefolder:photos/", "--method", "kmeans", "--target", "x8",
                  "-o", "r18.nsk"]) == 0
     out = capsys.readouterr().out
     assert "x8.0" in out and "agreement" in out and "2 evaluation items" in out
-    assert (tmp_path / "r18.nsk").is_file()
+    assert (folder.parent / "r18.nsk").is_file()
     assert main(["eval", "r18.nsk", "--data", "imagefolder:photos/"]) == 2  # no original
     assert "--weights" in _error_line(capsys)
     assert main(["eval", "r18.nsk", "--data", "imagefolder:photos/", "--model",
