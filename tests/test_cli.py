@@ -50,3 +50,124 @@ def test_end_to_end(tmp_path, monkeypatch, capsys):
     assert "B header" in text and "layer1.0.conv1" in text and "weights (" in text
     assert main(["inspect", str(out), "--json"]) == 0
     assert '"version": 1' in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ your model, your data
+
+
+def _error_line(capsys) -> str:
+    """The one error line of a failed command: no traceback, exactly one error line."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("netshrink: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """A flat folder of 10 generated photos and torchvision resnet18 random weights."""
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    import netshrink
+
+    tmp_path = tmp_path_factory.mktemp("byom")
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 255, (40 + 4 * i, 48, 3), dtype=np.uint8)).save(
+            folder / f"img{i}.png")
+    save_file(netshrink.load_model("torchvision:resnet18").state_dict(),
+              tmp_path / "r18.safetensors")
+    return folder, tmp_path / "r18.safetensors"
+
+
+def test_bring_your_own_model_readme_flow(photos, tmp_path, capsys, monkeypatch):
+    """The README's example, exactly: torchvision resnet18 with weights, a folder of images."""
+    folder, weights = photos
+    monkeypatch.chdir(folder.parent)
+    assert main(["compress", "--model", "torchvision:resnet18", "--weights", "r18.safetensors",
+                 "--data", "imagefolder:photos/", "--method", "kmeans", "--target", "x8",
+                 "-o", "r18.nsk"]) == 0
+    out = capsys.readouterr().out
+    assert "x8.0" in out and "agreement" in out and "2 evaluation items" in out
+    assert (folder.parent / "r18.nsk").is_file()
+    assert main(["eval", "r18.nsk", "--data", "imagefolder:photos/"]) == 2  # no original
+    assert "--weights" in _error_line(capsys)
+    assert main(["eval", "r18.nsk", "--data", "imagefolder:photos/", "--model",
+                 "torchvision:resnet18", "--weights", "r18.safetensors"]) == 0
+    assert "agreement" in capsys.readouterr().out
+    assert main(["inspect", "r18.nsk"]) == 0
+
+
+def test_eval_of_a_file_factory_model_names_the_fix(tmp_path, capsys):
+    import numpy as np
+
+    (tmp_path / "net.py").write_text(
+        "from torch import nn\n"
+        "def net():\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(48, 64), nn.ReLU(), nn.Linear(64, 3))\n")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.normal(size=(30, 3, 4, 4)).astype(np.float32),
+             y=rng.integers(0, 3, 30))
+    spec, out = f"{tmp_path / 'net.py'}:net", str(tmp_path / "n.nsk")
+    assert main(["compress", "--model", spec, "--data", f"npz:{tmp_path / 'd.npz'}",
+                 "--target", "8bit", "--min-weights", "0", "-o", out]) == 0
+    assert "baseline accuracy" in capsys.readouterr().out
+    assert main(["eval", out, "--data", f"npz:{tmp_path / 'd.npz'}"]) == 2
+    assert f"--model {spec}" in _error_line(capsys)
+    assert main(["eval", out, "--data", f"npz:{tmp_path / 'd.npz'}", "--model", spec]) == 0
+    assert "accuracy" in capsys.readouterr().out
+
+
+def _truncated(tmp_path):
+    import torch
+
+    import netshrink
+
+    path = tmp_path / "t.nsk"
+    netshrink.save(torch.nn.Linear(64, 64), path)
+    raw = path.read_bytes()
+    path.write_bytes(raw[:-100])
+    return path
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["inspect", "{tmp}/missing.nsk"], "cannot read"),
+    (["inspect", "{tmp}"], "is a directory"),
+    (["inspect", "{truncated}"], "damaged"),
+    (["compress", "--model", "torchvision:resnet18", "--weights", "{tmp}/none.safetensors",
+      "-o", "{tmp}/o.nsk"], "does not exist"),
+    (["compress", "--checkpoint", "{tmp}/none.safetensors", "--arch", "resnet20",
+      "-o", "{tmp}/o.nsk"], "does not exist"),
+    (["compress", "--model", "torchvision:resnet34", "--weights", "{weights}",
+      "--data", "imagefolder:{photos}", "-o", "{tmp}/o.nsk"], "missing keys"),
+    (["compress", "--model", "keras:net", "-o", "{tmp}/o.nsk"], "unknown model family"),
+    (["compress", "--model", "resnet2", "-o", "{tmp}/o.nsk"], "unknown model"),
+    (["compress", "--model", "torchvision:resnet18", "--data", "cifar", "-o", "{tmp}/o.nsk"],
+     "unknown data set"),
+    (["compress", "--model", "torchvision:resnet18", "--data", "imagefolder:{tmp}/empty",
+      "-o", "{tmp}/o.nsk"], "no images"),
+    (["compress", "--model", "resnet20", "--method", "foo", "-o", "{tmp}/o.nsk"],
+     "unknown method"),
+    (["compress", "--model", "resnet20", "--target", "x0", "-o", "{tmp}/o.nsk"], "x1"),
+    (["compress", "--model", "resnet20", "--option", "nope=1", "-o", "{tmp}/o.nsk"],
+     "unknown option"),
+    (["compress", "--model", "resnet20", "--mean", "a,b", "-o", "{tmp}/o.nsk"], "--mean"),
+])
+def test_user_mistakes_are_one_line_exit_2(argv, words, photos, tmp_path, capsys, monkeypatch):
+    from netshrink_lab import zoo
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a mistake must be reported before any baseline is trained")
+
+    monkeypatch.setattr(zoo, "load_or_train_baseline", no_training)
+    (tmp_path / "empty").mkdir()
+    folder, weights = photos
+    names = {"tmp": tmp_path, "photos": folder, "weights": weights,
+             "truncated": _truncated(tmp_path) if "{truncated}" in argv else ""}
+    assert main([a.format(**names) for a in argv]) == 2
+    assert words in _error_line(capsys)

@@ -8,6 +8,8 @@
 """
 
 from .api import compress, sqnr_db
+from .compat import install_import_hook
+from .datasources import DataSource, Score, load_data, register_dataset, score
 from .errors import (
     ConfigError,
     DataError,
@@ -23,16 +25,20 @@ from .layers import CompressedLayer, PalettizedLayer
 from .methods import Method, get_method, methods, register_method
 from .report import Report, report
 from .size import Target, model_bits, parse_target
+from .sources import load_model
 from .synthetic import synthesize_inputs
-from .train import Finetune, StepHook, agreement, evaluate, fidelity, fit
+from .train import Finetune, StepHook, agreement, evaluate, fidelity, fit, perplexity
+
+install_import_hook()  # torchvision, timm and transformers import after `import netshrink`
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CompressedLayer", "ConfigError", "DataError", "Finetune", "FormatError",
+    "CompressedLayer", "ConfigError", "DataError", "DataSource", "Finetune", "FormatError",
     "IncompleteCompressionError", "InfeasibleTargetError", "Method", "NetshrinkError",
-    "NonFiniteError", "PalettizedLayer", "Report", "StepHook", "Target", "agreement",
+    "NonFiniteError", "PalettizedLayer", "Report", "Score", "StepHook", "Target", "agreement",
     "compress", "evaluate", "fidelity", "fit", "get_method", "inspect_file",
-    "kmeans", "load", "methods", "model_bits", "parse_target", "register_method", "report",
-    "save", "sqnr_db", "synthesize_inputs",
+    "kmeans", "load", "load_data", "load_model", "methods", "model_bits", "parse_target",
+    "perplexity", "register_dataset", "register_method", "report", "save", "score",
+    "sqnr_db", "synthesize_inputs",
 ]

@@ -19,6 +19,7 @@ import first.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import json
 import numbers
@@ -34,11 +35,14 @@ from .errors import ConfigError
 __all__ = [
     "ARCH_ATTR",
     "ArchEntry",
+    "ArchFamily",
     "arch_entry",
     "arch_of",
     "arch_record",
     "create_arch",
+    "family_of",
     "register_arch",
+    "register_family",
     "registered_archs",
     "unregistered_message",
 ]
@@ -62,7 +66,43 @@ class ArchEntry:
     module: str
 
 
+@dataclass(frozen=True)
+class ArchFamily:
+    """A family of architectures named "PREFIX:REST": ``factory(REST, **kwargs)`` builds
+    one. ``rebuild=False``: `load` never builds it from a file's record (user code)."""
+
+    prefix: str
+    factory: Callable[..., nn.Module]
+    module: str
+    rebuild: bool = True
+
+
 _REGISTRY: dict[str, ArchEntry] = {}
+_FAMILIES: dict[str, ArchFamily] = {}
+_PREFIX = re.compile(r"[a-z][a-z0-9_-]*")
+
+
+def register_family(prefix: str, factory: Callable[..., nn.Module], *,
+                    module: str | None = None, rebuild: bool = True) -> None:
+    """Register a family: every name "prefix:REST" is built by ``factory(REST, **kwargs)``.
+    Registering a prefix again from the same module replaces it; from another, ConfigError."""
+    if not isinstance(prefix, str) or not _PREFIX.fullmatch(prefix):
+        raise ConfigError(f"a family prefix must be a lower-case word, got {prefix!r}")
+    module = module if module is not None else getattr(factory, "__module__", None)
+    if not isinstance(module, str) or not _MODULE_NAME.fullmatch(module):
+        raise ConfigError(f"family {prefix!r}: module must be a dotted module name, "
+                          f"got {module!r}")
+    old = _FAMILIES.get(prefix)
+    if old is not None and old.module != module:
+        raise ConfigError(f"family {prefix!r} is already registered by {old.module}")
+    _FAMILIES[prefix] = ArchFamily(prefix, factory, module, rebuild)
+
+
+def family_of(name: str) -> tuple[ArchFamily, str] | None:
+    """(family, REST) of a "PREFIX:REST" name whose prefix is a registered family."""
+    prefix, sep, rest = name.partition(":") if isinstance(name, str) else ("", "", "")
+    family = _FAMILIES.get(prefix) if sep else None
+    return (family, rest) if family is not None and rest else None
 
 
 def register_arch(name: str, factory: Callable[..., nn.Module], *,
@@ -87,8 +127,13 @@ def register_arch(name: str, factory: Callable[..., nn.Module], *,
 
 
 def arch_entry(name: str) -> ArchEntry | None:
-    """The registry entry of ``name``, or None when no imported module registered it."""
-    return _REGISTRY.get(name)
+    """The registry entry of ``name`` (a registered name, or a member of a family that may
+    be rebuilt), or None when no imported module registered it."""
+    entry = _REGISTRY.get(name)
+    if entry is None and (found := family_of(name)) is not None and found[0].rebuild:
+        family, rest = found
+        entry = ArchEntry(name, functools.partial(family.factory, rest), family.module)
+    return entry
 
 
 def registered_archs() -> list[str]:
@@ -113,14 +158,16 @@ def create_arch(name: str, **kwargs: Any) -> nn.Module:
     The record holds every argument, defaults included, so ``create_arch(**arch_of(model))``
     rebuilds the same architecture. An unregistered name, arguments the factory does not
     take or arguments that are not JSON values raise ConfigError."""
-    entry = _REGISTRY.get(name)
+    entry = arch_entry(name)
     if entry is None:
         known = ", ".join(registered_archs()) or "none"
         raise ConfigError(f"unknown architecture {name!r}; registered: {known}")
     signature = inspect.signature(entry.factory)
     params = signature.parameters
     nested = kwargs.get("kwargs")
-    if "kwargs" not in params and isinstance(nested, dict):  # create_arch(**record) form
+    flat = "kwargs" not in params or params["kwargs"].kind is inspect.Parameter.VAR_KEYWORD
+    if flat and isinstance(nested, dict) and set(kwargs) <= {"name", "kwargs"}:
+        # the create_arch(**record) form
         kwargs = {**{k: v for k, v in kwargs.items() if k != "kwargs"}, **nested}
     try:
         bound = signature.bind(**kwargs)
@@ -129,7 +176,12 @@ def create_arch(name: str, **kwargs: Any) -> nn.Module:
             f"bad arguments for architecture {name!r}: {exc}; accepted: {', '.join(params)}"
         ) from exc
     bound.apply_defaults()
-    resolved = {k: _plain(v) for k, v in bound.arguments.items()}
+    resolved = {}
+    for k, v in bound.arguments.items():
+        if params[k].kind is inspect.Parameter.VAR_KEYWORD:  # a family's **kwargs
+            resolved.update({kk: _plain(vv) for kk, vv in v.items()})
+        else:
+            resolved[k] = _plain(v)
     try:
         json.dumps(resolved)
     except (TypeError, ValueError) as exc:
@@ -154,8 +206,11 @@ def arch_record(model: nn.Module) -> dict | None:
         return None
     name = arch.get("name")
     entry = _REGISTRY.get(name) if isinstance(name, str) else None
+    found = family_of(name) if entry is None else None
     if entry is not None:
         arch["module"] = entry.module
+    elif found is not None:
+        arch["module"] = found[0].module
     return arch
 
 
@@ -163,6 +218,14 @@ def unregistered_message(record: dict) -> str:
     """The error for a file whose architecture is not registered: which module to import
     (the file's "module", or the zoo for files written before it was recorded)."""
     name = record.get("name")
+    found = family_of(name) if isinstance(name, str) else None
+    if found is not None and not found[0].rebuild:
+        spec = found[1]
+        args = "".join(f" --model-arg {k}={json.dumps(v)}"
+                       for k, v in dict(record.get("kwargs") or {}).items())
+        return (f"this file's model was built by {spec}; netshrink does not run code that a "
+                f"file names: pass --model {spec}{args} (command line) or "
+                f"model_like=netshrink.load_model({spec!r}, ...) (Python)")
     module = record.get("module", LEGACY_MODULE)
     if isinstance(module, str) and _MODULE_NAME.fullmatch(module):
         how = f"it is registered by {module}: import {module} first, or pass model_like"

@@ -25,22 +25,60 @@ logger = logging.getLogger("netshrink")
 EPILOG = """examples:
   netshrink train-baseline resnet20 --data fashion-mnist
   netshrink compress --model resnet20 --method kmeans --target 3bit --epochs 1 -o r20.nsk
+  netshrink compress --model torchvision:resnet18 --weights r18.safetensors \
+      --data imagefolder:photos/ --method kmeans --target x8 -o r18.nsk
   netshrink eval r20.nsk --data fashion-mnist
+  netshrink eval r18.nsk --data imagefolder:photos/ --model torchvision:resnet18 \
+      --weights r18.safetensors
   netshrink inspect r20.nsk
   netshrink demo
   netshrink demo --methods kmeans,pqf --target x16 --epochs 2
 """
 
 
-def _parse_option(text: str) -> tuple[str, Any]:
+def _parse_option(text: str, flag: str = "--option") -> tuple[str, Any]:
     """'key=value' with value parsed as JSON where possible (8 -> int, false -> bool)."""
     if "=" not in text:
-        raise ConfigError(f"--option takes key=value, got {text!r}")
+        raise ConfigError(f"{flag} takes key=value, got {text!r}")
     key, value = text.split("=", 1)
     try:
         return key, json.loads(value)
     except ValueError:
         return key, value
+
+
+def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
+    """'0.5,0.5,0.5' -> (0.5, 0.5, 0.5)."""
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"{flag} takes comma-separated numbers, got {text!r}") from None
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", metavar="FILE",
+                   help="weights for --model: safetensors or a torch state dict")
+    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="keyword argument of the model's constructor (hf: a config "
+                        "override), e.g. --model-arg num_classes=10 (repeatable)")
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="fashion-mnist",
+                   help="fashion-mnist, imagefolder:DIR (class sub-folders or a flat "
+                        "folder), text:FILE_OR_DIR (hf: language models) or npz:FILE "
+                        "(arrays x, optional y)")
+    p.add_argument("--image-size", type=int, help="image input size (default: the model's)")
+    p.add_argument("--mean", help="image normalisation mean, e.g. 0.485,0.456,0.406 "
+                                  "(default: the model's, else ImageNet's)")
+    p.add_argument("--std", help="image normalisation std (default: the model's, else "
+                                 "ImageNet's)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per text block")
+    p.add_argument("--eval-fraction", type=float, default=0.2,
+                   help="share of the files / documents / rows held out for evaluation "
+                        "(not for fashion-mnist, which has its own test split)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,25 +104,29 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
 
     c = sub.add_parser("compress", help="compress a model and write a .nsk file",
-                       description="Compress a zoo model (its cached baseline) or a safetensors "
-                                   "checkpoint, optionally fine-tune with distillation, "
-                                   "report and save.")
+                       description="Compress a model (a zoo name, torchvision:NAME, "
+                                   "timm:NAME, hf:DIR or file.py:FACTORY, with --weights), "
+                                   "optionally fine-tune with distillation on --data, "
+                                   "report, measure and save.")
     src = c.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="zoo model name; uses its cached baseline "
-                                     "(trained first if missing)")
-    src.add_argument("--checkpoint", help="a safetensors state dict (needs --arch)")
-    c.add_argument("--arch", help="zoo architecture of --checkpoint, e.g. resnet20")
+    src.add_argument("--model", metavar="SPEC",
+                     help="a zoo name (without --weights: its cached Fashion-MNIST baseline, "
+                          "trained first if missing), torchvision:NAME, timm:NAME, hf:DIR "
+                          "or path/to/file.py:FACTORY")
+    src.add_argument("--checkpoint", help="deprecated: use --model ARCH --weights FILE")
+    c.add_argument("--arch", help="deprecated: the zoo architecture of --checkpoint")
+    _add_model_args(c)
     c.add_argument("--method", default="kmeans")
     c.add_argument("--target", default="4bit", help="'1.5MB', '800KB', 'x20' or '3bit'")
-    c.add_argument("--data", default="fashion-mnist")
+    _add_data_args(c)
     c.add_argument("--epochs", type=int, default=0, help="fine-tuning epochs (0: none)")
     c.add_argument("--lr", type=float, help="fine-tuning learning rate (default 1e-3, Adam)")
     c.add_argument("--batch-size", type=int, default=128)
     c.add_argument("--bn-recalibration", type=int, default=0, metavar="BATCHES",
                    help="after fine-tuning, re-estimate BatchNorm statistics on this many "
                         "training batches")
-    c.add_argument("--subset-train", type=int)
-    c.add_argument("--subset-test", type=int)
+    c.add_argument("--subset-train", type=int, help="use this many calibration/training items")
+    c.add_argument("--subset-test", type=int, help="measure on this many evaluation items")
     c.add_argument("--min-weights", type=int, default=1024,
                    help="layers with fewer weights stay dense (default 1024)")
     c.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -98,13 +140,23 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "--checkpoint-dir")
     c.add_argument("-o", "--output", required=True, help="the .nsk file to write")
 
-    e = sub.add_parser("eval", help="accuracy and size of a .nsk file",
-                       description="Load a .nsk file of a zoo model and measure its test "
-                                   "accuracy and size.")
+    e = sub.add_parser("eval", help="accuracy (or agreement, perplexity) and size of a .nsk "
+                                    "file",
+                       description="Load a .nsk file and measure it on the evaluation split "
+                                   "of --data: accuracy on labelled data, perplexity on text, "
+                                   "else top-1 agreement with the original model (--model "
+                                   "SPEC --weights FILE). Files of zoo, torchvision:, timm: "
+                                   "and hf: models rebuild themselves; file.py: models need "
+                                   "--model.")
     e.add_argument("file")
-    e.add_argument("--data", default="fashion-mnist")
+    e.add_argument("--model", metavar="SPEC",
+                   help="the model's spec, when the file cannot rebuild it (file.py:) or "
+                        "to measure agreement with the original (with --weights)")
+    _add_model_args(e)
+    _add_data_args(e)
     e.add_argument("--subset-test", type=int)
     e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--seed", type=int, default=0, help="seed of the evaluation split")
 
     i = sub.add_parser("inspect", help="the per-layer report of a .nsk file",
                        description="Print the per-layer report stored in a .nsk file and "
@@ -136,68 +188,145 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load_source(args: argparse.Namespace) -> Any:
+def _model_spec(args: argparse.Namespace) -> tuple[str, str | None]:
+    """(--model SPEC, --weights FILE); the deprecated --checkpoint/--arch map onto them."""
+    if getattr(args, "checkpoint", None):
+        if not args.arch:
+            raise ConfigError("--checkpoint needs --arch (deprecated: use --model ARCH "
+                              "--weights FILE)")
+        if args.weights:
+            raise ConfigError("--checkpoint and --weights name the same thing: use --weights")
+        logger.warning("--checkpoint/--arch are deprecated: use --model %s --weights %s",
+                       args.arch, args.checkpoint)
+        return args.arch, args.checkpoint
+    if getattr(args, "arch", None):
+        raise ConfigError("--arch goes with --checkpoint (deprecated); with --model, "
+                          "--model names the architecture")
+    return args.model, args.weights
+
+
+def _model_args(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(_parse_option(o, "--model-arg") for o in args.model_arg)
+
+
+def _load_model(args: argparse.Namespace, spec: str, weights: str | None) -> Any:
+    """The model to compress: a zoo name without weights is its cached baseline (trained
+    first if missing, only on fashion-mnist); anything else `load_model`."""
     from netshrink_lab import zoo
 
-    if args.checkpoint:
-        if not args.arch:
-            raise ConfigError("--checkpoint needs --arch (a zoo architecture name)")
-        from safetensors.torch import load_file
+    from .sources import load_model
 
-        model = zoo.create(args.arch)
-        model.load_state_dict(load_file(args.checkpoint))
+    model_args = _model_args(args)
+    if spec in zoo.MODELS and weights is None and not model_args:
+        data = args.data.strip().lower().replace("_", "-")
+        if data != "fashion-mnist":
+            raise ConfigError(f"zoo model {spec!r} without --weights means its cached "
+                              f"Fashion-MNIST baseline; for --data {args.data} pass --weights")
+        model, meta = zoo.load_or_train_baseline(spec, data)
+        logger.info("baseline %s: test accuracy %s", spec, meta.get("test_accuracy"))
         return model.eval()
-    model, meta = zoo.load_or_train_baseline(args.model, args.data)
-    logger.info("baseline %s: test accuracy %s", args.model, meta.get("test_accuracy"))
-    return model.eval()
+    model = load_model(spec, weights, model_args)
+    if weights is None and spec.startswith(("torchvision:", "timm:")):
+        logger.warning("no --weights: %s has random weights (nothing is downloaded)", spec)
+    return model
+
+
+def _check_data(spec: str) -> None:
+    import netshrink_lab.data  # noqa: F401  (registers fashion-mnist)
+
+    from .datasources import check_data_spec
+
+    check_data_spec(spec)
+
+
+def _load_data(args: argparse.Namespace, model: Any, subset_train: int | None = None) -> Any:
+    import netshrink_lab.data  # noqa: F401  (registers fashion-mnist)
+
+    from .datasources import load_data
+
+    data = load_data(args.data, model=model, image_size=args.image_size,
+                     mean=_floats(args.mean, "--mean"), std=_floats(args.std, "--std"),
+                     seq_len=args.seq_len, batch_size=args.batch_size,
+                     eval_fraction=args.eval_fraction, seed=args.seed,
+                     subset_train=subset_train, subset_eval=args.subset_test)
+    logger.info("data %s", data.describe())
+    return data
+
+
+def _score_text(model: Any, data: Any, reference: Any) -> str:
+    from .datasources import score
+
+    try:
+        return str(score(model, data, reference))
+    except ConfigError as e:
+        return f"no score ({e})"
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
-    from netshrink_lab.data import get_loaders
-
     from . import api, fileformat
+    from .methods import get_method
     from .report import report
-    from .train import Finetune, evaluate, init_distributed, is_main_process
+    from .size import parse_target
+    from .train import Finetune, init_distributed, is_main_process
 
-    init_distributed()
-    model = _load_source(args)
-    train, test = get_loaders(args.data, batch_size=args.batch_size,
-                              subset_train=args.subset_train, subset_test=args.subset_test,
-                              seed=args.seed)
+    # everything typed is checked before any model is loaded, trained or data read
+    options = dict(_parse_option(o) for o in args.option)
+    get_method(args.method).make_config(**options)
+    parse_target(args.target)
+    _floats(args.mean, "--mean")
+    _floats(args.std, "--std")
+    _model_args(args)
     finetune = None
     if args.epochs > 0:
         finetune = Finetune(epochs=args.epochs, lr=args.lr, checkpoint_dir=args.checkpoint_dir,
                             resume=args.resume, seed=args.seed,
                             bn_recalibration_batches=args.bn_recalibration)
-    options = dict(_parse_option(o) for o in args.option)
-    small = api.compress(model, args.method, args.target, data=train, finetune=finetune,
+    spec, weights = _model_spec(args)
+    _check_data(args.data)
+    if weights is not None and not Path(weights).is_file():
+        raise ConfigError(f"weights file {weights} "
+                          f"{'is a directory' if Path(weights).is_dir() else 'does not exist'}")
+    init_distributed()
+    model = _load_model(args, spec, weights)
+    data = _load_data(args, model, args.subset_train)
+    small = api.compress(model, args.method, args.target, data=data.train, finetune=finetune,
                          min_weights=args.min_weights, seed=args.seed, strict=args.strict,
                          **options)
     if not is_main_process():
         return
     size = fileformat.save(small, args.output)
     print(report(small))
-    print(f"baseline accuracy {evaluate(model, test):.4f}, compressed {evaluate(small, test):.4f}; "
-          f"wrote {args.output} ({size} bytes)")
+    if data.labelled or data.kind == "text":
+        scores = (f"baseline {_score_text(model, data, model)}, compressed "
+                  f"{_score_text(small, data, model)}")
+    else:  # unlabelled: the original agrees with itself by definition
+        scores = f"compressed {_score_text(small, data, model)} with the original"
+    print(f"{data.describe()}\n{scores}; wrote {args.output} ({size} bytes)")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from torch.utils.data import DataLoader
-
     import netshrink_lab.zoo  # noqa: F401  (registers the zoo architectures files name)
-    from netshrink_lab.data import get_dataset
 
     from . import fileformat
+    from .datasources import score
     from .report import report
-    from .train import evaluate
+    from .sources import load_model
 
-    model = fileformat.load(args.file)
-    test = DataLoader(get_dataset(args.data, "test", subset=args.subset_test),
-                      batch_size=args.batch_size)
+    _check_data(args.data)
+    like = reference = None
+    if args.model:
+        like = load_model(args.model, model_args=_model_args(args))
+        if args.weights:
+            reference = load_model(args.model, args.weights, _model_args(args))
+    elif args.weights or args.model_arg:
+        raise ConfigError("--weights and --model-arg go with --model SPEC")
+    model = fileformat.load(args.file, like)
+    data = _load_data(args, model)
+    result = score(model, data, reference)
     rep = report(model)
     size = Path(args.file).stat().st_size
-    print(f"{args.file}: accuracy {evaluate(model, test):.4f} on {len(test.dataset)} test "
-          f"images; file {size} bytes (x{rep.baseline_bytes / size:.2f} vs fp32 "
+    print(f"{args.file}: {result} on {data.n_eval} evaluation items of {data.spec}; file "
+          f"{size} bytes (x{rep.baseline_bytes / size:.2f} vs fp32 "
           f"{rep.baseline_bytes:.0f} B)")
 
 

@@ -35,7 +35,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from .arch import arch_entry, arch_record, create_arch, unregistered_message
+from .arch import arch_entry, arch_record, create_arch, family_of, unregistered_message
 from .atomic import atomic_write
 from .bitpack import pack_bits, packed_nbytes, unpack_bits
 from .encoding import Encoding
@@ -254,12 +254,9 @@ def from_bytes(raw: bytes, model_like: nn.Module | None = None) -> nn.Module:
     """Rebuild a model from .nsk bytes; see `load`. Raises only FormatError for a damaged
     or mismatched file."""
     manifest = read_manifest(raw)
+    reader = read_payload(raw, manifest)
     try:
-        blobs = st_load(raw)
-    except Exception as e:  # safetensors raises its own error types for damaged payloads
-        raise FormatError(f"damaged safetensors payload: {e}") from None
-    try:
-        return _rebuild(manifest, _BlobReader(blobs), model_like)
+        return _rebuild(manifest, reader, model_like, len(raw))
     except (FormatError, ConfigError):
         raise
     except (RuntimeError, ValueError, TypeError, KeyError, IndexError, AttributeError,
@@ -267,11 +264,31 @@ def from_bytes(raw: bytes, model_like: nn.Module | None = None) -> nn.Module:
         raise FormatError(f"cannot rebuild the model from this file: {e}") from None
 
 
-def _rebuild(manifest: dict[str, Any], reader: _BlobReader, model_like: nn.Module | None
-             ) -> nn.Module:
+def read_payload(raw: bytes, manifest: dict[str, Any]) -> _BlobReader:
+    """Parse the safetensors payload and check that every tensor the manifest lists lies
+    inside its blob (the checks that need no model); FormatError otherwise. `load` and
+    `inspect_file` both call it, so a file inspect calls fine has all of its bytes."""
+    try:
+        blobs = st_load(raw)
+    except Exception as e:  # safetensors raises its own error types for damaged payloads
+        raise FormatError(f"damaged safetensors payload: {e}") from None
+    reader = _BlobReader(blobs)
+    for name, entry in manifest["layers"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("tensors"), dict):
+            raise FormatError(f"malformed layer entry {name!r}")
+        for desc in entry["tensors"].values():
+            reader.locate(desc)
+    for entry in manifest["dense"]:
+        if isinstance(entry, list) and len(entry) == 4:
+            reader.locate(entry[1:])
+    return reader
+
+
+def _rebuild(manifest: dict[str, Any], reader: _BlobReader, model_like: nn.Module | None,
+             file_bytes: int = 0) -> nn.Module:
     """Structure first, memory last: every layer is built on the meta device and every
     shape checked against the file's bytes and the model before anything is allocated."""
-    model = _instantiate(manifest, model_like)
+    model = _instantiate(manifest, model_like, file_bytes)
     notes: list[str] = []
     pending: list[tuple[StoredModule, dict[str, Any]]] = []
     for name, entry in manifest["layers"].items():
@@ -314,10 +331,20 @@ def _note_cast(notes: list[str], name: str, stored: Encoding, slot: Encoding) ->
         notes.append(f"{name}: stored as {stored.name}, cast to {slot.name} (model_like)")
 
 
-def _instantiate(manifest: dict[str, Any], model_like: nn.Module | None) -> nn.Module:
+def _lost_buffers(model: nn.Module) -> list[str]:
+    """Meta buffers that no file stores (non-persistent, e.g. rotary frequencies)."""
+    persistent = set(model.state_dict())
+    return [n for n, b in model.named_buffers() if b.is_meta and n not in persistent]
+
+
+def _instantiate(manifest: dict[str, Any], model_like: nn.Module | None,
+                 file_bytes: int = 0) -> nn.Module:
     """An empty copy of the architecture: the registered architecture the file names, built
     on the meta device (so no architecture argument can allocate memory), or a copy of
-    model_like. A module the file names is never imported (see `netshrink.arch`)."""
+    model_like. A module the file names is never imported (see `netshrink.arch`).
+    An architecture with non-persistent buffers (which its constructor computes and no
+    file stores) is built again for real, but only when its size is plausible for the file
+    (at most 32 weights per file byte), so a hand-edited argument cannot exhaust memory."""
     if model_like is None:
         arch = manifest.get("arch")
         if not arch:
@@ -329,12 +356,22 @@ def _instantiate(manifest: dict[str, Any], model_like: nn.Module | None) -> nn.M
             raise ConfigError(unregistered_message(arch))
         try:
             with torch.device("meta"):
-                return create_arch(arch["name"], **dict(arch.get("kwargs", {})))
-        except (ConfigError, KeyError, TypeError, ValueError, AttributeError) as e:
+                model = create_arch(arch["name"], **dict(arch.get("kwargs", {})))
+            if not _lost_buffers(model):
+                return model
+            numel = sum(t.numel() for t in model.state_dict().values())
+            if numel > 32 * file_bytes:
+                raise FormatError(f"architecture {arch['name']!r} has {numel} weights, "
+                                  f"implausible for a file of {file_bytes} bytes")
+            return create_arch(arch["name"], **dict(arch.get("kwargs", {})))
+        except ConfigError as e:
+            if family_of(arch["name"]) is not None:
+                raise  # e.g. the hf: directory is gone; the message says what to pass
+            raise FormatError(f"file names an unknown architecture {arch!r}: {e}") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise FormatError(f"file names an unknown architecture {arch!r}: {e}") from None
     model = copy.deepcopy(model_like)
-    persistent = set(model.state_dict())
-    lost = [n for n, b in model.named_buffers() if b.is_meta and n not in persistent]
+    lost = _lost_buffers(model)
     if lost:
         raise ConfigError(f"model_like is on the meta device but has non-persistent buffers "
                           f"({', '.join(lost[:3])}) that no file stores: pass a real instance")
@@ -437,16 +474,26 @@ def load(path: str | os.PathLike[str], model_like: nn.Module | None = None) -> n
     architecture, weights ignored, may be on the meta device), or into the registered
     architecture the file names (`netshrink.arch`; for zoo models, import netshrink_lab.zoo
     first). Outputs are bit-identical to the module that was saved."""
+    return from_bytes(_read(path), model_like)
+
+
+def _read(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of a .nsk file; a missing file or a directory raises FormatError."""
+    p = Path(path)
+    if p.is_dir():
+        raise FormatError(f"{path} is a directory, not a .nsk file")
     try:
-        raw = Path(path).read_bytes()
+        return p.read_bytes()
     except OSError as e:
-        raise FormatError(f"cannot read {path}: {e}") from None
-    return from_bytes(raw, model_like)
+        raise FormatError(f"cannot read {path}: {e.strerror or e}") from None
 
 
 def inspect_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The manifest of a .nsk file plus its size and header length (no model needed)."""
-    raw = Path(path).read_bytes()
+    """The manifest of a .nsk file plus its size and header length (no model needed).
+    Checks the payload as `load` does short of rebuilding the model (`read_payload`): a
+    truncated or damaged file raises FormatError, as does a missing file or a directory."""
+    raw = _read(path)
     manifest = read_manifest(raw)
+    read_payload(raw, manifest)
     _, header_len = read_header(raw)
     return {"file_bytes": len(raw), "header_bytes": header_len + 8, "manifest": manifest}

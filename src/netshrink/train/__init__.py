@@ -10,7 +10,7 @@ One module per concern:
 - ``loop``: :func:`fit`, its schedule and optimizer, :class:`StepHook`, :class:`FitResult`;
 - ``checkpoint``: the checkpoint file (:data:`CHECKPOINT_NAME`, atomic write, checked load);
 - ``distributed``: :func:`init_distributed`, :func:`is_main_process`, DDP, buffer broadcast;
-- ``metrics``: :func:`evaluate`, :func:`fidelity`, :func:`agreement`,
+- ``metrics``: :func:`evaluate`, :func:`fidelity`, :func:`agreement`, :func:`perplexity`,
   :func:`distillation_loss`;
 - ``batchnorm``: :func:`recalibrate_batchnorm`;
 - ``batches``: :func:`split_batch` and the small helpers on batches and models.
@@ -22,7 +22,7 @@ from .checkpoint import CHECKPOINT_NAME
 from .config import Finetune
 from .distributed import init_distributed, is_main_process
 from .loop import FitResult, StepHook, fit
-from .metrics import agreement, distillation_loss, evaluate, fidelity
+from .metrics import agreement, distillation_loss, evaluate, fidelity, perplexity
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -36,6 +36,7 @@ __all__ = [
     "fit",
     "init_distributed",
     "is_main_process",
+    "perplexity",
     "recalibrate_batchnorm",
     "split_batch",
 ]

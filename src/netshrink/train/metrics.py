@@ -1,8 +1,10 @@
-"""Losses and measurements: the distillation loss, top-1 accuracy, and how faithfully a
-compressed model reproduces its original (top-1 agreement, KL)."""
+"""Losses and measurements: the distillation loss, top-1 accuracy, how faithfully a
+compressed model reproduces its original (top-1 agreement, KL), and the perplexity of a
+language model on token blocks."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -87,3 +89,23 @@ def agreement(
     """Fraction of inputs on which ``model`` and ``reference`` predict the same class
     (see :func:`fidelity`)."""
     return fidelity(model, reference, loader, max_batches)["agreement"]
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, loader: Iterable[Any], max_batches: int | None = None) -> float:
+    """exp(mean next-token cross-entropy) of a causal language model on batches of token
+    ids (B, T): the logits at position t predict the token at t+1. Lower is better."""
+    device = model_device(model)
+    nll, count = 0.0, 0
+    with training_mode(model, False):
+        for batch in limited(loader, max_batches):
+            ids, _ = split_batch(batch)
+            ids = ids.to(device)
+            require(ids.dim() == 2 and not ids.is_floating_point(),
+                    f"perplexity() needs integer token batches (B, T), got {tuple(ids.shape)}")
+            logits = model(ids).float()
+            nll += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                         ids[:, 1:].reshape(-1), reduction="sum"))
+            count += ids[:, 1:].numel()
+    require(count > 0, "perplexity(): the loader yielded no token pairs")
+    return math.exp(nll / count)
