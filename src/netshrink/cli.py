@@ -133,7 +133,40 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-post-training", action="store_true",
                    help="skip the post-training measurement (one compression per method)")
     d.add_argument("--out-dir", default="runs/demo", help="where the .nsk files go")
+    _add_sweep_parser(sub)
     return p
+
+
+def _add_sweep_parser(sub: Any) -> None:
+    """`netshrink sweep`: every method at every target, a table, a Pareto plot, a report."""
+    s = sub.add_parser(
+        "sweep", help="every method at every target: table, Pareto plot, HTML report",
+        description="Compress one model with every method at every target, save, reload and "
+                    "measure each .nsk file (accuracy with labels, else top-1 agreement with "
+                    "the original), and write results.csv/.json, pareto.png/.svg and "
+                    "report.html to --out-dir. A re-run skips finished cells.")
+    s.add_argument("--model", required=True, help="zoo model name (its cached baseline, "
+                                                  "trained first if missing)")
+    s.add_argument("--data", default="fashion-mnist")
+    s.add_argument("--methods", default="all", help="'all' or comma-separated methods")
+    s.add_argument("--targets", default="x4,x8,x16",
+                   help="comma-separated targets: ratios 'x8', sizes '100KB', bits '3bit'")
+    s.add_argument("--metric", default="auto", choices=["auto", "accuracy", "agreement"],
+                   help="auto: accuracy when the data has labels, else agreement")
+    s.add_argument("--epochs", type=int, default=0, help="fine-tuning epochs (0: none)")
+    s.add_argument("--lr", type=float, help="fine-tuning learning rate (default 1e-3, Adam)")
+    s.add_argument("--batch-size", type=int, default=128)
+    s.add_argument("--subset-train", type=int, help="calibration / fine-tuning examples")
+    s.add_argument("--subset-test", type=int, help="evaluation examples")
+    s.add_argument("--min-weights", type=int, default=1024,
+                   help="layers with fewer weights stay dense (default 1024)")
+    s.add_argument("--option", action="append", default=[], metavar="[METHOD.]KEY=VALUE",
+                   help="method option for every swept method that has it, or for one "
+                        "method with METHOD.KEY (repeatable)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out-dir", help="default: runs/sweep/<model>-<data>")
+    s.add_argument("--force", action="store_true",
+                   help="discard a sweep of another configuration in --out-dir")
 
 
 def _load_source(args: argparse.Namespace) -> Any:
@@ -259,8 +292,88 @@ def cmd_demo(args: argparse.Namespace) -> None:
              out_dir=Path(args.out_dir), post_training=not args.no_post_training)
 
 
+def _sweep_plan(args: argparse.Namespace) -> tuple[list[str], list[str], dict[str, dict]]:
+    """Methods, targets and per-method options of `netshrink sweep`, all checked (an error
+    is a ConfigError: one line, exit 2) before any model or data is loaded."""
+    from .methods import get_method, methods
+    from .size import parse_target
+
+    if args.methods.strip() == "all":
+        names = sorted(methods(), key=lambda m: (m != "kmeans", m))  # the baseline first
+    else:
+        names = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))
+    targets = list(dict.fromkeys(t.strip() for t in args.targets.split(",") if t.strip()))
+    if not names or not targets:
+        raise ConfigError("--methods and --targets need at least one entry each")
+    known = {m: {f.name for f in dataclasses.fields(get_method(m).config_cls)} for m in names}
+    for t in targets:
+        parse_target(t)
+    options: dict[str, dict[str, Any]] = {m: {} for m in names}
+    for text in args.option:
+        key, value = _parse_option(text)
+        method, _, name = key.rpartition(".")
+        if method and method not in names:
+            raise ConfigError(f"--option {text}: {method!r} is not among the swept methods "
+                              f"({', '.join(names)})")
+        takers = [m for m in ([method] if method else names) if name in known[m]]
+        if not takers:
+            raise ConfigError(f"--option {text}: no swept method has an option {name!r} "
+                              "(`netshrink methods` lists them)")
+        for m in takers:
+            options[m][name] = value
+    for m in names:
+        get_method(m).make_config(**options[m])  # values of the wrong kind fail here
+    if args.epochs < 0:
+        raise ConfigError("--epochs must be >= 0")
+    return names, targets, options
+
+
+def _resolve(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
+    """The seam between `netshrink sweep` and model/data loading: (model, train loader,
+    evaluation loader, metric name). For now a zoo model (its cached baseline, trained
+    first if missing) on a `netshrink_lab.data` data set, measured by accuracy."""
+    from netshrink_lab import zoo
+    from netshrink_lab.data import get_loaders
+
+    if args.model not in zoo.names():
+        raise ConfigError(f"unknown zoo model {args.model!r}; known: {', '.join(zoo.names())}")
+    model, meta = zoo.load_or_train_baseline(args.model, args.data)
+    logger.info("baseline %s: test accuracy %s", args.model, meta.get("test_accuracy"))
+    train, test = get_loaders(args.data, batch_size=args.batch_size,
+                              subset_train=args.subset_train, subset_test=args.subset_test,
+                              seed=args.seed)
+    return model.eval(), train, test, "accuracy"
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from .sweep import run_sweep
+    from .train import Finetune
+
+    names, targets, options = _sweep_plan(args)
+    finetune = None
+    if args.epochs > 0:
+        finetune = Finetune(epochs=args.epochs, lr=args.lr, seed=args.seed)
+    model, train, test, metric = _resolve(args)
+    out_dir = Path(args.out_dir or Path("runs/sweep") / f"{args.model}-{args.data}".replace(
+        ":", "_").replace("/", "_"))
+    describe = {"model": args.model, "data": args.data, "subset_train": args.subset_train,
+                "subset_test": args.subset_test, "seed": args.seed,
+                "batch_size": args.batch_size}
+    result = run_sweep(model, names, targets, train_data=train, eval_data=test,
+                       out_dir=out_dir, metric=args.metric if args.metric != "auto" else metric,
+                       finetune=finetune, options=options, describe=describe,
+                       compress_kwargs={"min_weights": args.min_weights, "seed": args.seed},
+                       force=args.force)
+    print(f"\n{args.model} on {args.data}: {result.metric} of each reloaded .nsk file; "
+          f"{'post-training' if finetune is None else f'{args.epochs} epoch(s) fine-tuning'}"
+          "; seconds: compress and save\n")
+    print(result.table())
+    print("\nwrote " + ", ".join(str(p) for p in result.files.values()))
+
+
 COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "inspect": cmd_inspect,
-            "methods": cmd_methods, "train-baseline": cmd_train_baseline, "demo": cmd_demo}
+            "methods": cmd_methods, "train-baseline": cmd_train_baseline, "demo": cmd_demo,
+            "sweep": cmd_sweep}
 
 
 def main(argv: list[str] | None = None) -> int:
