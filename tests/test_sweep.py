@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import netshrink
-from netshrink import api, cli
-from netshrink.sweep import COLUMNS, PLOT_HINT, SweepConfigError, run_sweep
+from netshrink import SweepConfigError, api, cli, run_sweep
+from netshrink.sweep import COLUMNS, PLOT_HINT
 
 OPTS = {"compress_kwargs": {"min_weights": 64}, "progress": False}
 

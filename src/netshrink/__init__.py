@@ -16,6 +16,7 @@ from .errors import (
     InfeasibleTargetError,
     NetshrinkError,
     NonFiniteError,
+    SweepConfigError,
 )
 from .fileformat import inspect_file, load, save
 from .kmeans import kmeans
@@ -23,6 +24,7 @@ from .layers import CompressedLayer, PalettizedLayer
 from .methods import Method, get_method, methods, register_method
 from .report import Report, report
 from .size import Target, model_bits, parse_target
+from .sweep import SweepResult, run_sweep
 from .synthetic import synthesize_inputs
 from .train import Finetune, StepHook, agreement, evaluate, fidelity, fit
 
@@ -31,8 +33,9 @@ __version__ = "0.1.0"
 __all__ = [
     "CompressedLayer", "ConfigError", "DataError", "Finetune", "FormatError",
     "IncompleteCompressionError", "InfeasibleTargetError", "Method", "NetshrinkError",
-    "NonFiniteError", "PalettizedLayer", "Report", "StepHook", "Target", "agreement",
+    "NonFiniteError", "PalettizedLayer", "Report", "StepHook", "SweepConfigError",
+    "SweepResult", "Target", "agreement",
     "compress", "evaluate", "fidelity", "fit", "get_method", "inspect_file",
     "kmeans", "load", "methods", "model_bits", "parse_target", "register_method", "report",
-    "save", "sqnr_db", "synthesize_inputs",
+    "run_sweep", "save", "sqnr_db", "synthesize_inputs",
 ]

@@ -46,7 +46,7 @@ from torch import nn
 
 from . import api, fileformat
 from .atomic import atomic_write
-from .errors import ConfigError, NetshrinkError
+from .errors import ConfigError, NetshrinkError, SweepConfigError
 from .graph import weight_count
 from .methods import get_method
 from .report import format_table, report
@@ -67,10 +67,6 @@ only); seconds: compress (+ fine-tune) and save; eval_seconds: reload and evalua
 
 PLOT_HINT = "matplotlib is not installed, no pareto.png/.svg: pip install 'netshrink[plot]'"
 HEARTBEAT_SECONDS = 60.0
-
-
-class SweepConfigError(ConfigError):
-    """out_dir holds a sweep made with another configuration (re-run with force=True)."""
 
 
 @dataclass
