@@ -166,3 +166,19 @@ def test_cli_sweep(small_net, toy_loader, tmp_path, monkeypatch, capsys):
     argv[argv.index("per_channel=false")] = "per_channel=true"
     assert cli.main(argv) == 2 and "--force" in capsys.readouterr().err
     assert cli.main([*argv, "--force"]) == 0
+
+
+def test_cli_sweep_zoo_baseline(tmp_path, monkeypatch, capsys):
+    """The real `_resolve`: a zoo baseline (a tiny one, cached in a temporary folder) on
+    Fashion-MNIST subsets."""
+    monkeypatch.setenv("NETSHRINK_CACHE", str(tmp_path / "cache"))
+    assert cli.main(["train-baseline", "resnet20", "--epochs", "1", "--subset-train", "128",
+                     "--subset-test", "64"]) == 0
+    out_dir = tmp_path / "sweep"
+    assert cli.main(["sweep", "--model", "resnet20", "--methods", "kmeans", "--targets", "x8",
+                     "--subset-train", "64", "--subset-test", "64",
+                     "--out-dir", str(out_dir)]) == 0
+    assert "kmeans" in capsys.readouterr().out
+    data = json.loads((out_dir / "results.json").read_text())
+    assert data["metric"] == "accuracy" and data["rows"][0]["status"] == "ok"
+    assert data["config"]["describe"]["model"] == "resnet20"
