@@ -273,7 +273,6 @@ def run_sweep(
     out.mkdir(parents=True, exist_ok=True)
     _check_config(out, config, force)
 
-    model = model.eval()
     fp32_bytes = fp32_bits(model) / 8
     n_weights = max(weight_count(model), 1)
 
