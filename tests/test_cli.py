@@ -1,5 +1,7 @@
 """CLI smoke test on real Fashion-MNIST subsets: train-baseline, compress, eval, inspect."""
 
+import json
+
 import pytest
 
 from netshrink.cli import build_parser, main
@@ -171,3 +173,22 @@ def test_user_mistakes_are_one_line_exit_2(argv, words, photos, tmp_path, capsys
              "truncated": _truncated(tmp_path) if "{truncated}" in argv else ""}
     assert main([a.format(**names) for a in argv]) == 2
     assert words in _error_line(capsys)
+
+
+def test_sweep_on_your_own_model_and_image_folder(photos, tmp_path, capsys):
+    """`netshrink sweep` reads --model/--data as compress does: a file.py model on a flat
+    folder of unlabelled photos is measured by agreement with the original."""
+    folder, _ = photos
+    (tmp_path / "net.py").write_text(
+        "from torch import nn\n"
+        "def net():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 32, 3),\n"
+        "                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))\n")
+    out_dir = tmp_path / "sweep"
+    assert main(["sweep", "--model", f"{tmp_path / 'net.py'}:net", "--data",
+                 f"imagefolder:{folder}", "--image-size", "32", "--methods", "kmeans",
+                 "--targets", "x4,x8", "--min-weights", "0", "--out-dir", str(out_dir)]) == 0
+    results = json.loads((out_dir / "results.json").read_text())
+    assert results["metric"] == "agreement"
+    assert [r["status"] for r in results["rows"]] == ["ok", "ok"]
+    assert (out_dir / "report.html").is_file() and "kmeans" in capsys.readouterr().out

@@ -18,6 +18,7 @@ from .errors import (
     InfeasibleTargetError,
     NetshrinkError,
     NonFiniteError,
+    SweepConfigError,
 )
 from .fileformat import inspect_file, load, save
 from .kmeans import kmeans
@@ -26,6 +27,7 @@ from .methods import Method, get_method, methods, register_method
 from .report import Report, report
 from .size import Target, model_bits, parse_target
 from .sources import load_model
+from .sweep import SweepResult, run_sweep
 from .synthetic import synthesize_inputs
 from .train import Finetune, StepHook, agreement, evaluate, fidelity, fit, perplexity
 
@@ -36,9 +38,9 @@ __version__ = "0.1.0"
 __all__ = [
     "CompressedLayer", "ConfigError", "DataError", "DataSource", "Finetune", "FormatError",
     "IncompleteCompressionError", "InfeasibleTargetError", "Method", "NetshrinkError",
-    "NonFiniteError", "PalettizedLayer", "Report", "Score", "StepHook", "Target", "agreement",
-    "compress", "evaluate", "fidelity", "fit", "get_method", "inspect_file",
-    "kmeans", "load", "load_data", "load_model", "methods", "model_bits", "parse_target",
-    "perplexity", "register_dataset", "register_method", "report", "save", "score",
-    "sqnr_db", "synthesize_inputs",
+    "NonFiniteError", "PalettizedLayer", "Report", "Score", "StepHook", "SweepConfigError",
+    "SweepResult", "Target", "agreement", "compress", "evaluate", "fidelity", "fit",
+    "get_method", "inspect_file", "kmeans", "load", "load_data", "load_model", "methods",
+    "model_bits", "parse_target", "perplexity", "register_dataset", "register_method",
+    "report", "run_sweep", "save", "score", "sqnr_db", "synthesize_inputs",
 ]

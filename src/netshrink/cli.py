@@ -185,7 +185,44 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-post-training", action="store_true",
                    help="skip the post-training measurement (one compression per method)")
     d.add_argument("--out-dir", default="runs/demo", help="where the .nsk files go")
+    _add_sweep_parser(sub)
     return p
+
+
+def _add_sweep_parser(sub: Any) -> None:
+    """`netshrink sweep`: every method at every target, a table, a Pareto plot, a report."""
+    s = sub.add_parser(
+        "sweep", help="every method at every target: table, Pareto plot, HTML report",
+        description="Compress one model with every method at every target, save, reload and "
+                    "measure each .nsk file (accuracy with labels, else top-1 agreement with "
+                    "the original), and write results.csv/.json, pareto.png/.svg and "
+                    "report.html to --out-dir. A re-run skips finished cells.")
+    s.add_argument("--model", required=True, metavar="SPEC",
+                   help="zoo name (its cached baseline), torchvision:NAME, timm:NAME, hf:DIR "
+                        "or path/file.py:factory")
+    _add_model_args(s)
+    _add_data_args(s)
+    s.add_argument("--methods", default="all", help="'all' or comma-separated methods")
+    s.add_argument("--targets", default="x4,x8,x16",
+                   help="comma-separated targets: ratios 'x8', sizes '100KB', bits '3bit'")
+    s.add_argument("--metric", default="auto",
+                   choices=["auto", "accuracy", "agreement", "perplexity"],
+                   help="auto: accuracy when the data has labels, perplexity on text, else "
+                        "agreement with the original")
+    s.add_argument("--epochs", type=int, default=0, help="fine-tuning epochs (0: none)")
+    s.add_argument("--lr", type=float, help="fine-tuning learning rate (default 1e-3, Adam)")
+    s.add_argument("--batch-size", type=int, default=128)
+    s.add_argument("--subset-train", type=int, help="calibration / fine-tuning examples")
+    s.add_argument("--subset-test", type=int, help="evaluation examples")
+    s.add_argument("--min-weights", type=int, default=1024,
+                   help="layers with fewer weights stay dense (default 1024)")
+    s.add_argument("--option", action="append", default=[], metavar="[METHOD.]KEY=VALUE",
+                   help="method option for every swept method that has it, or for one "
+                        "method with METHOD.KEY (repeatable)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out-dir", help="default: runs/sweep/<model>-<data>")
+    s.add_argument("--force", action="store_true",
+                   help="discard a sweep of another configuration in --out-dir")
 
 
 def _model_spec(args: argparse.Namespace) -> tuple[str, str | None]:
@@ -388,8 +425,92 @@ def cmd_demo(args: argparse.Namespace) -> None:
              out_dir=Path(args.out_dir), post_training=not args.no_post_training)
 
 
+def _sweep_plan(args: argparse.Namespace) -> tuple[list[str], list[str], dict[str, dict]]:
+    """Methods, targets and per-method options of `netshrink sweep`, all checked (an error
+    is a ConfigError: one line, exit 2) before any model or data is loaded."""
+    from .methods import get_method, methods
+    from .size import parse_target
+
+    if args.methods.strip() == "all":
+        names = sorted(methods(), key=lambda m: (m != "kmeans", m))  # the baseline first
+    else:
+        names = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))
+    targets = list(dict.fromkeys(t.strip() for t in args.targets.split(",") if t.strip()))
+    if not names or not targets:
+        raise ConfigError("--methods and --targets need at least one entry each")
+    known = {m: {f.name for f in dataclasses.fields(get_method(m).config_cls)} for m in names}
+    for t in targets:
+        parse_target(t)
+    options: dict[str, dict[str, Any]] = {m: {} for m in names}
+    for text in args.option:
+        key, value = _parse_option(text)
+        method, _, name = key.rpartition(".")
+        if method and method not in names:
+            raise ConfigError(f"--option {text}: {method!r} is not among the swept methods "
+                              f"({', '.join(names)})")
+        takers = [m for m in ([method] if method else names) if name in known[m]]
+        if not takers:
+            raise ConfigError(f"--option {text}: no swept method has an option {name!r} "
+                              "(`netshrink methods` lists them)")
+        for m in takers:
+            options[m][name] = value
+    for m in names:
+        get_method(m).make_config(**options[m])  # values of the wrong kind fail here
+    if args.epochs < 0:
+        raise ConfigError("--epochs must be >= 0")
+    return names, targets, options
+
+
+def _resolve(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
+    """(model, calibration / fine-tuning loader, evaluation loader, metric) of `netshrink
+    sweep`, from --model/--weights/--data exactly as `compress` reads them: accuracy on
+    labelled data, perplexity on text, else top-1 agreement with the original model."""
+    spec, weights = args.model, args.weights
+    if weights is not None and not Path(weights).is_file():
+        raise ConfigError(f"weights file {weights} "
+                          f"{'is a directory' if Path(weights).is_dir() else 'does not exist'}")
+    model = _load_model(args, spec, weights)
+    data = _load_data(args, model, args.subset_train)
+    metric = ("accuracy" if data.labelled else
+              "perplexity" if data.kind == "text" else "agreement")
+    return model, data.train, data.eval, metric
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from .sweep import run_sweep
+    from .train import Finetune
+
+    names, targets, options = _sweep_plan(args)
+    _floats(args.mean, "--mean")
+    _floats(args.std, "--std")
+    _model_args(args)
+    _check_data(args.data)
+    finetune = None
+    if args.epochs > 0:
+        finetune = Finetune(epochs=args.epochs, lr=args.lr, seed=args.seed)
+    model, train, test, metric = _resolve(args)
+    out_dir = Path(args.out_dir or Path("runs/sweep") / f"{args.model}-{args.data}".replace(
+        ":", "_").replace("/", "_"))
+    describe = {"model": args.model, "weights": args.weights, "model_args": args.model_arg,
+                "data": args.data, "image_size": args.image_size, "mean": args.mean,
+                "std": args.std, "seq_len": args.seq_len, "eval_fraction": args.eval_fraction,
+                "subset_train": args.subset_train, "subset_test": args.subset_test,
+                "seed": args.seed, "batch_size": args.batch_size}
+    result = run_sweep(model, names, targets, train_data=train, eval_data=test,
+                       out_dir=out_dir, metric=args.metric if args.metric != "auto" else metric,
+                       finetune=finetune, options=options, describe=describe,
+                       compress_kwargs={"min_weights": args.min_weights, "seed": args.seed},
+                       force=args.force)
+    print(f"\n{args.model} on {args.data}: {result.metric} of each reloaded .nsk file; "
+          f"{'post-training' if finetune is None else f'{args.epochs} epoch(s) fine-tuning'}"
+          "; seconds: compress and save\n")
+    print(result.table())
+    print("\nwrote " + ", ".join(str(p) for p in result.files.values()))
+
+
 COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "inspect": cmd_inspect,
-            "methods": cmd_methods, "train-baseline": cmd_train_baseline, "demo": cmd_demo}
+            "methods": cmd_methods, "train-baseline": cmd_train_baseline, "demo": cmd_demo,
+            "sweep": cmd_sweep}
 
 
 def main(argv: list[str] | None = None) -> int:

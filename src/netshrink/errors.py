@@ -22,6 +22,11 @@ class InfeasibleTargetError(ConfigError):
         self.feasible = feasible
 
 
+class SweepConfigError(ConfigError):
+    """A sweep's out_dir holds cells of another configuration (`run_sweep(force=True)` or
+    `netshrink sweep --force` discards them)."""
+
+
 class FormatError(NetshrinkError):
     """A .nsk file is truncated, corrupted, hand-edited or of an unknown version."""
 
