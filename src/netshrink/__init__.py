@@ -8,6 +8,7 @@
 """
 
 from .api import compress, sqnr_db
+from .calibrate import Calibrate, calibration_inputs
 from .errors import (
     ConfigError,
     DataError,
@@ -29,10 +30,10 @@ from .train import Finetune, StepHook, agreement, evaluate, fidelity, fit
 __version__ = "0.1.0"
 
 __all__ = [
-    "CompressedLayer", "ConfigError", "DataError", "Finetune", "FormatError",
+    "Calibrate", "CompressedLayer", "ConfigError", "DataError", "Finetune", "FormatError",
     "IncompleteCompressionError", "InfeasibleTargetError", "Method", "NetshrinkError",
     "NonFiniteError", "PalettizedLayer", "Report", "StepHook", "Target", "agreement",
-    "compress", "evaluate", "fidelity", "fit", "get_method", "inspect_file",
+    "calibration_inputs", "compress", "evaluate", "fidelity", "fit", "get_method", "inspect_file",
     "kmeans", "load", "methods", "model_bits", "parse_target", "register_method", "report",
     "save", "sqnr_db", "synthesize_inputs",
 ]
