@@ -34,6 +34,7 @@ from .errors import DataError
 from .layers import CompressedLayer, call_with_weight
 
 _CONVS = {torch.conv1d: 1, torch.conv2d: 2}
+_PLAIN_CONVS = {nn.Conv1d.forward: 1, nn.Conv2d.forward: 2}
 _UNFOLD_BYTES = 64 << 20
 
 
@@ -103,13 +104,25 @@ def _conv_call(x: torch.Tensor, weight: torch.Tensor, dims: int, given: dict[str
 
 
 def op_call(layer: CompressedLayer, args: tuple[Any, ...], kwargs: dict[str, Any]
-            ) -> tuple[OpCall | None, Any]:
-    """(how the layer's weight meets its input, the layer's output) for one call."""
+            ) -> OpCall | None:
+    """How the layer's weight meets its input in one call (None: not as a linear or
+    1-D/2-D convolution weight). Plain nn.Linear and zero-padded nn.Conv1d/2d are read
+    from their settings; any other host runs once more with a probe weight."""
+    host = layer.host
+    forward = type(host).forward
+    if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
+        if forward is nn.Linear.forward:
+            return OpCall("linear", args[0])
+        if forward in _PLAIN_CONVS and host.padding_mode == "zeros":
+            dims = _PLAIN_CONVS[forward]
+            return _conv_call(args[0], layer.decode_weight(), dims,
+                              {"stride": host.stride, "padding": host.padding,
+                               "dilation": host.dilation, "groups": host.groups})
     probe = layer.decode_weight().to(layer.weight_dtype)
     finder = _Finder(probe)
-    with finder:
-        out = call_with_weight(layer.host, probe, args, kwargs)
-    return (None if finder.other else finder.found), out
+    with finder, torch.no_grad():
+        call_with_weight(host, probe, args, kwargs)
+    return None if finder.other else finder.found
 
 
 def shape_of(call: OpCall, weight_shape: Sequence[int], out_axis: int) -> tuple[int, int]:
@@ -186,7 +199,7 @@ def trial(model: nn.Module, layers: dict[str, CompressedLayer], x: torch.Tensor
             if name in seen:
                 seen[name].calls += 1
                 return
-            call, _ = op_call(layer, args, kwargs)
+            call = op_call(layer, args, kwargs)
             if call is None:
                 seen[name] = Probe(name, len(seen), 1, 0, 0, "its weight is not used as a "
                                    "linear or 1-D/2-D convolution weight")
@@ -233,14 +246,24 @@ def capture(model: nn.Module, layers: dict[str, CompressedLayer], group: Sequenc
                               device=layers[p.name]._dtype_ref.device) for p in group}
     handles = []
     early = all(p.calls == 1 for p in group)
+    shared: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
     last = max(group, key=lambda p: p.order).name
 
     def hook(name: str, layer: CompressedLayer) -> Callable[..., Any]:
         def pre(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            call, _ = op_call(layer, args, kwargs)
+            call = op_call(layer, args, kwargs)
             if call is None:
                 return
-            h = gram(call)
+            # layers fed the same input tensor the same way (q, k, v) share its moment;
+            # the cache holds the tensor itself, so its address cannot be reused meanwhile
+            key = (call.x.data_ptr(), call.kind, call.kernel, call.stride, call.padding,
+                   call.dilation, call.groups)
+            hit = shared.get(key)
+            if hit is not None and hit[0] is call.x:
+                h = hit[1]
+            else:
+                h = gram(call)
+                shared[key] = (call.x, h)
             if not bool(torch.isfinite(h).all()):
                 raise DataError(f"non-finite activations at the input of {name!r} on the "
                                 "calibration data")
@@ -255,10 +278,12 @@ def capture(model: nn.Module, layers: dict[str, CompressedLayer], group: Sequenc
     try:
         with torch.no_grad():
             for x in tqdm(inputs, desc=desc, unit="batch", disable=None, leave=False):
+                shared.clear()
                 try:
                     model(x)
                 except _Stop:
                     pass
+                shared.clear()
     finally:
         for h in handles:
             h.remove()

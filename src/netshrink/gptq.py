@@ -130,9 +130,12 @@ def refit_codebook(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, k: int
         for a in range(0, r, rows):
             sl = slice(a, min(r, a + rows))
             onehot = torch.nn.functional.one_hot(codes[gi, sl], k).float()  # (rc, n, k)
-            ho = torch.matmul(hg, onehot)
+            rc = onehot.shape[0]
+            # H O_i for every row in one GEMM: (n, n) @ (n, rc k)
+            ho = (hg @ onehot.permute(1, 0, 2).reshape(n, rc * k)).reshape(n, rc, k)
             sg = s[gi, sl]
-            gram += torch.einsum("r,rnk,rnl->kl", sg * sg, onehot, ho).double()
+            weighted = (onehot * (sg * sg)[:, None, None]).permute(1, 0, 2).reshape(-1, k)
+            gram += (weighted.T @ ho.reshape(-1, k)).double()
             wh = w[gi, sl].float() @ hg
             rhs += torch.einsum("r,rnk,rn->k", sg, onehot, wh).double()
     ridge = 1e-9 * float(gram.diagonal().abs().max().clamp_min(1e-30))

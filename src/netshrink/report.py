@@ -43,9 +43,10 @@ class Report:
     the share of the model's weights (floating parameters of dim >= 2) that was
     compressed. calibration: the record of the calibration stage (calibrate.py: samples,
     source, seconds, per-layer relative output error before/after), None when the model
-    was not calibrated in this process (it is not saved in files). notes: what the method reported about its choices (the `Notes` of its
-    `prepare` / `encode`, e.g. PQF's permutation, ALDS's keep ratio) and remarks such as
-    dtype casts made on load; facts: the method's facts as a JSON-able dict.
+    was not calibrated in this process (it is not saved in files). notes: what the method
+    reported about its choices (the `Notes` of its `prepare` / `encode`, e.g. PQF's
+    permutation, ALDS's keep ratio) and remarks such as dtype casts made on load; facts:
+    the method's facts as a JSON-able dict.
     """
 
     method: str | None
