@@ -94,6 +94,9 @@ def main() -> None:
             row["calibration"]["not_applicable"] = rec["not_applicable"]
         rows.append(row)
         print(json.dumps(row), flush=True)
+        RESULTS.mkdir(exist_ok=True)  # after every row: a partial run leaves its rows
+        (RESULTS / args.out).write_text(json.dumps({"args": vars(args), "rows": rows},
+                                                   indent=2) + "\n")
     print(format_table(["setting", "file bytes", "ratio", "top-1 agreement", "KL", "seconds"],
                        [[r["setting"], r["file_bytes"], f"x{r['ratio']:.2f}",
                          f"{r['agreement']:.3f}", f"{r['kl']:.4f}", r["seconds"]]

@@ -130,6 +130,9 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
             del small
+            result["runs"] = rows  # written after every run: a partial run leaves its rows
+            RESULTS.mkdir(exist_ok=True)
+            (RESULTS / args.out).write_text(json.dumps(result, indent=2) + "\n")
     result["runs"] = rows
     result["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                                    2)

@@ -355,11 +355,12 @@ def encode_layer(layer: PalettizedLayer, original: torch.Tensor, h: torch.Tensor
         used = torch.bincount(codes.flatten(), minlength=k) > 0
         fitted = refit_codebook(w, h, codes, k, None if scale is None else _rounded(scale, dtype))
         values = torch.where(used, fitted, values)
+        current = err(values, codes, scale)
         if scale is not None:
             new_scale = refit_scale(w, h, codes, _rounded(values, dtype), _rounded(scale, dtype))
-            if err(values, codes, new_scale) < err(values, codes, scale):
-                scale = new_scale
-        current = err(values, codes, scale)
+            rescaled = err(values, codes, new_scale)
+            if rescaled < current:
+                scale, current = new_scale, rescaled
         if current < best[0]:
             best = (current, values, codes, scale)
     _, values, codes, scale = best

@@ -24,11 +24,13 @@ from dataclasses import dataclass
 
 import torch
 
+from .kmeans import one_thread
+
 
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
     """tr((W - W^) H (W - W^)^T) summed over groups: W, W^ (G, r, n), H (G, n, n)."""
-    d = (w - w_hat).double()
-    return float(((d @ h.double()) * d).sum())
+    d = (w - w_hat).float()
+    return float(((d @ h.float()) * d).sum(dtype=torch.float64))
 
 
 def decode(values: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor | None
@@ -38,10 +40,19 @@ def decode(values: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor | None
     return w if scale is None else w * scale[..., None]
 
 
-def _nearest(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest value (1-D `values`, any order) for every entry of x."""
-    sorted_v, order = torch.sort(values)
-    return order[torch.bucketize(x, (sorted_v[1:] + sorted_v[:-1]) / 2)]
+class _Nearest:
+    """Index of the nearest of `values` (1-D, any order) for every entry of a tensor: the
+    number of sorted midpoints below it (a comparison per midpoint for small codebooks,
+    cheaper than `bucketize` on the strided columns GPTQ codes)."""
+
+    def __init__(self, values: torch.Tensor) -> None:
+        sorted_v, self.order = torch.sort(values)
+        self.mids = (sorted_v[1:] + sorted_v[:-1]) / 2
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.mids) <= 64:
+            return self.order[(x[..., None] > self.mids).sum(-1)]
+        return self.order[torch.bucketize(x.contiguous(), self.mids)]
 
 
 def _inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -97,6 +108,16 @@ def gptq_codes(w: torch.Tensor, f: Factor, values: torch.Tensor,
     s = torch.ones(g, r, device=w.device) if scale is None else scale.detach().float()
     safe = torch.where(s != 0, s, torch.ones_like(s))
     codes = torch.empty(g, r, n, dtype=torch.long, device=w.device)
+    nearest = _Nearest(values)
+    with one_thread(w.device):  # many small ops: no fork/join per op (kmeans.one_thread)
+        _columns(w, u, values, s, safe, nearest, codes, block)
+    return torch.empty_like(codes).scatter_(2, perm[:, None, :].expand(g, r, n), codes)
+
+
+def _columns(w: torch.Tensor, u: torch.Tensor, values: torch.Tensor, s: torch.Tensor,
+             safe: torch.Tensor, nearest: _Nearest, codes: torch.Tensor, block: int) -> None:
+    """GPTQ's loop over the (permuted) columns, in lazy batches of `block` (Alg. 1)."""
+    n = w.shape[2]
     for i1 in range(0, n, block):
         i2 = min(n, i1 + block)
         w1 = w[:, :, i1:i2].clone()
@@ -104,13 +125,12 @@ def gptq_codes(w: torch.Tensor, f: Factor, values: torch.Tensor,
         u1 = u[:, i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = w1[:, :, i]
-            c = _nearest(col / safe, values)
+            c = nearest(col / safe)
             codes[:, :, i1 + i] = c
             err = (col - values[c] * s) / u1[:, i, i][:, None]
             w1[:, :, i:] -= err[:, :, None] * u1[:, None, i, i:]
             err1[:, :, i] = err
         w[:, :, i2:] -= err1 @ u[:, i1:i2, i2:]
-    return torch.empty_like(codes).scatter_(2, perm[:, None, :].expand(g, r, n), codes)
 
 
 def refit_codebook(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, k: int,
