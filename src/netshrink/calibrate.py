@@ -21,7 +21,9 @@ capture). Without data, a model with BatchNorm2d can calibrate on inputs distill
 its BatchNorm statistics (synthetic.py, ZeroQ). The record (`netshrink_info
 ["calibration"]`, also in `report(model).calibration`) gives samples, source, seconds and
 each layer's relative output error ||(W - W^)X||^2 / ||WX||^2 before and after; it is not
-saved in the file, whose size and layout stay those of the plan.
+saved in the file, whose size and layout stay those of the plan. Under torchrun, the
+ranks sum their H (all_reduce) and take rank 0's encoding, so every rank holds the same
+model ("samples" in the record counts one rank's).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
@@ -43,6 +46,7 @@ from .kmeans import kmeans
 from .layers import PalettizedLayer, compressed_layers, set_module, weight_rows
 from .synthetic import batchnorm_layers, synthesize_inputs
 from .train.batches import model_device, split_batch, training_mode
+from .train.distributed import is_distributed
 
 logger = logging.getLogger(__name__)
 
@@ -290,7 +294,13 @@ def run(model: nn.Module, originals: dict[str, torch.Tensor], stage: Stage,
             hs = capture(model, layers, group, inputs, desc=f"capture {i + 1}/{len(groups)}")
             for probe in group:
                 name = probe.name
-                errors[name] = encode_layer(layers[name], originals[name], hs.pop(name), cfg)
+                h = hs.pop(name)
+                if is_distributed():  # every rank's samples; one encoding for all ranks
+                    dist.all_reduce(h)
+                errors[name] = encode_layer(layers[name], originals[name], h, cfg)
+                if is_distributed():
+                    for t in layers[name].stored_extra().values():
+                        dist.broadcast(t[0].data, src=0)
                 bar.set_postfix(layer=name[-24:])
     before = [e["before"] for e in errors.values()]
     after = [e["after"] for e in errors.values()]
