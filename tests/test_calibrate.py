@@ -179,6 +179,8 @@ def test_auto_rules(small_net, toy_loader):
     def calibrated(model):
         return "calibration" in model.netshrink_info
     assert calibrated(_compress(small_net, toy_loader, "auto"))
+    few = _compress(small_net, [(torch.randn(20, 1, 12, 12),)], "auto")
+    assert few.netshrink_info["calibration"]["samples"] == 20  # auto takes what there is
     assert not calibrated(_compress(small_net, None, "auto"))
     assert not calibrated(_compress(small_net, toy_loader, False))
     assert not calibrated(_compress(small_net, toy_loader, None))

@@ -107,8 +107,9 @@ def resolve(calibrate: Any, data: Any, model: nn.Module, calibrates: bool,
     """The options of this call's stage, or None for no calibration.
 
     "auto": calibrate when data is given, the method supports it and no fine-tuning is
-    asked; False / None: never; True or a `Calibrate`: always (without data only on a
-    model with BatchNorm2d, from synthetic inputs; ConfigError otherwise)."""
+    asked (on up to `Calibrate().samples` samples: fewer when the data holds fewer);
+    False / None: never; True or a `Calibrate`: always (without data only on a model with
+    BatchNorm2d, from synthetic inputs; ConfigError otherwise)."""
     if calibrate is None or calibrate is False:
         return None
     if isinstance(calibrate, str) and calibrate == "auto":
@@ -131,14 +132,14 @@ def resolve(calibrate: Any, data: Any, model: nn.Module, calibrates: bool,
     return cfg
 
 
-def calibration_inputs(data: Iterable[Any], count: int, model: nn.Module | None = None
-                       ) -> list[torch.Tensor]:
+def calibration_inputs(data: Iterable[Any], count: int, model: nn.Module | None = None,
+                       *, fewer: bool = False) -> list[torch.Tensor]:
     """The first `count` samples of `data` (batches of (x, y), (x,) or bare tensors;
     `train.split_batch`) as a list of input batches, the last one cut to size. DataError
     when the data gives fewer samples, a batch is not a tensor of samples or holds NaN /
     inf; with `model`, also when the first batch does not run through it or gives
     non-finite activations at a layer with a weight (`check_inputs`). Nothing else runs
-    before these checks."""
+    before these checks. fewer=True accepts fewer samples than `count` (not none)."""
     if isinstance(data, torch.Tensor):
         data = [data]
     out: list[torch.Tensor] = []
@@ -162,7 +163,7 @@ def calibration_inputs(data: Iterable[Any], count: int, model: nn.Module | None 
     except TypeError:
         raise DataError(f"calibration data must be an iterable of batches, got "
                         f"{type(data).__name__}") from None
-    if found < count:
+    if found < count and not (fewer and found):
         raise DataError(f"calibration asked for {count} samples, the data gave {found}: "
                         f"pass more data or calibrate=netshrink.Calibrate(samples={found})"
                         if found else "calibration data is empty")
@@ -236,8 +237,9 @@ def prepare(model: nn.Module, data: Any, calibrate: Any, calibrates: bool,
                                   seed=seed)
         inputs, source = list(x.split(32)), "synthetic"
         check_inputs(model, inputs[0])
-    else:
-        inputs, source = calibration_inputs(data, cfg.samples, model), "data"
+    else:  # "auto" calibrates on what the data holds when it holds fewer samples
+        auto = isinstance(calibrate, str)
+        inputs, source = calibration_inputs(data, cfg.samples, model, fewer=auto), "data"
     return Stage(cfg, inputs, source, time.perf_counter() - start)
 
 
