@@ -8,6 +8,7 @@
 """
 
 from .api import compress, sqnr_db
+from .calibrate import Calibrate, calibration_inputs
 from .compat import install_import_hook
 from .datasources import DataSource, Score, load_data, register_dataset, score
 from .errors import (
@@ -36,11 +37,12 @@ install_import_hook()  # torchvision, timm and transformers import after `import
 __version__ = "0.1.0"
 
 __all__ = [
-    "CompressedLayer", "ConfigError", "DataError", "DataSource", "Finetune", "FormatError",
-    "IncompleteCompressionError", "InfeasibleTargetError", "Method", "NetshrinkError",
-    "NonFiniteError", "PalettizedLayer", "Report", "Score", "StepHook", "SweepConfigError",
-    "SweepResult", "Target", "agreement", "compress", "evaluate", "fidelity", "fit",
-    "get_method", "inspect_file", "kmeans", "load", "load_data", "load_model", "methods",
-    "model_bits", "parse_target", "perplexity", "register_dataset", "register_method",
-    "report", "run_sweep", "save", "score", "sqnr_db", "synthesize_inputs",
+    "Calibrate", "CompressedLayer", "ConfigError", "DataError", "DataSource", "Finetune",
+    "FormatError", "IncompleteCompressionError", "InfeasibleTargetError", "Method",
+    "NetshrinkError", "NonFiniteError", "PalettizedLayer", "Report", "Score", "StepHook",
+    "SweepConfigError", "SweepResult", "Target", "agreement", "calibration_inputs",
+    "compress", "evaluate", "fidelity", "fit", "get_method", "inspect_file", "kmeans", "load",
+    "load_data", "load_model", "methods", "model_bits", "parse_target", "perplexity",
+    "register_dataset", "register_method", "report", "run_sweep", "save", "score", "sqnr_db",
+    "synthesize_inputs",
 ]

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .calibrate import RECORD_KEY as CALIBRATION_KEY
+from .calibrate import prepare as calibrate_stage
 from .errors import (
     ConfigError,
     FormatError,
@@ -72,6 +74,7 @@ def compress(
     seed: int = 0,
     eval_data: Any = None,
     strict: bool = False,
+    calibrate: Any = "auto",
     **options: Any,
 ) -> nn.Module:
     """Compress `model` with `method` to `target`; return a new, compressed module.
@@ -89,6 +92,12 @@ def compress(
     `IncompleteCompressionError` instead. A NaN or infinite value in any tensor of the
     model raises `NonFiniteError` (naming the tensors) before any work.
 
+    calibrate: "auto" (default: when data is given, the method supports it and no
+    fine-tuning is asked), True / a `netshrink.Calibrate` (always; without data, from
+    inputs synthesised from BatchNorm statistics), False / None (never): re-encode the
+    palette layers after apply to minimise their output error on a few of data's inputs,
+    same stored bits (calibrate.py). Bad calibration data raises DataError before any work.
+
     Steps (methods/__init__.py): survey and plan (repeated with the measured header until
     the file fits), prepare, apply once, fine-tune, finalize.
     """
@@ -103,6 +112,9 @@ def compress(
         raise ConfigError("min_weights must be >= 0")
 
     _check_finite_input(model)
+    # -- calibration, part 1: options and inputs, checked before any work (calibrate.py)
+    finetuning = finetune is not None and finetune.epochs > 0
+    calibration = calibrate_stage(model, data, calibrate, algo.calibrates, finetuning, seed)
     reserve: int | None = None
     for attempt in range(2):
         student = copy.deepcopy(model)
@@ -132,6 +144,9 @@ def compress(
                     "again", header, budget.header_bits // 8)
         reserve = header
 
+    # -- calibration, part 2: input-aware encoding after apply (calibrate.py) -----------
+    record = calibration.run(student, originals, finetuning) if calibration else None
+
     if finetune is not None and finetune.epochs > 0:
         was_training = model.training
         try:
@@ -143,6 +158,8 @@ def compress(
     _check_finite(student)
 
     setattr(student, INFO_ATTR, context.info(notes, _layer_stats(student, originals)))
+    if record is not None:  # calibration, part 3: the record (not saved in files)
+        getattr(student, INFO_ATTR)[CALIBRATION_KEY] = record
     total = model_bits(student) + 8 * header_bytes(student)
     logger.info("compressed to %s (x%.2f of fp32 %s), header included",
                 format_bytes(total / 8), context.baseline_bits / total,

@@ -108,9 +108,20 @@ def build_manifest(model: nn.Module, dry: bool = False
         enc = Encoding.of(t.dtype)
         dense.append([name, enc.name, list(t.shape), writer.add(t, enc)])
     manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "arch": arch_record(model),
-                "info": getattr(model, "netshrink_info", None), "layers": layers,
+                "info": _saved_info(getattr(model, "netshrink_info", None)), "layers": layers,
                 "dense": dense}
     return manifest, writer.blobs()
+
+
+RUN_ONLY_INFO = ("calibration",)
+"""`netshrink_info` keys that describe one compress run (timings included) and are not
+saved: a file is the same size whether or not the run calibrated (calibrate.py)."""
+
+
+def _saved_info(info: Any) -> Any:
+    if not isinstance(info, dict):
+        return info
+    return {k: v for k, v in info.items() if k not in RUN_ONLY_INFO}
 
 
 def encode_manifest(manifest: dict[str, Any]) -> str:

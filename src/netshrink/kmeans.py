@@ -197,6 +197,7 @@ def kmeans(
     chunk: int = DEFAULT_CHUNK,
     anneal: int = 0,
     sample: int | None = None,
+    weights: torch.Tensor | None = None,
 ) -> KMeansResult:
     """Cluster points x ((n,) or (n, d)) into k centroids with Lloyd's algorithm.
 
@@ -214,6 +215,11 @@ def kmeans(
     and inertia are then those of all n points for the learned centroids. None, or
     n <= sample: all points, and the same result, bit for bit, as without the option
     (the generator is not touched).
+
+    weights: an importance >= 0 per point (n,): centroids are weighted means and the
+    inertia is the weighted sum of squared distances (importance-weighted clustering, as
+    in SqueezeLLM's and coremltools' sensitive k-means). Seeding is not weighted; not with
+    `anneal` or `sample`. None: every point weighs 1 (the same result as before).
     """
     x = _as_points(x.detach())
     if not x.is_floating_point():
@@ -224,6 +230,13 @@ def kmeans(
     n, d = x.shape
     if n == 0 or k < 1:
         raise ValueError(f"need at least one point and k >= 1 (n={n}, k={k})")
+    if weights is not None:
+        weights = weights.detach().reshape(-1).to(x.device, torch.float64)
+        if weights.numel() != n or not bool(torch.isfinite(weights).all()) or bool(
+                (weights < 0).any()):
+            raise ValueError(f"weights must be {n} finite values >= 0")
+        if anneal or sample is not None:
+            raise ValueError("weights are not supported with anneal or sample")
     gen = torch.Generator().manual_seed(seed)
     if sample is not None and sample < 1:
         raise ValueError(f"sample must be >= 1 or None, got {sample}")
@@ -234,11 +247,12 @@ def kmeans(
             labels, dists = assign(x, learned.centroids, chunk)
             return KMeansResult(learned.centroids, labels,
                                 float(dists.sum(dtype=torch.float64)))
-        return _fit(x, k, gen, iters, init, tol, chunk, anneal)
+        return _fit(x, k, gen, iters, init, tol, chunk, anneal, weights)
 
 
 def _fit(x: torch.Tensor, k: int, gen: torch.Generator, iters: int,
-         init: str | torch.Tensor, tol: float, chunk: int, anneal: int) -> KMeansResult:
+         init: str | torch.Tensor, tol: float, chunk: int, anneal: int,
+         weights: torch.Tensor | None = None) -> KMeansResult:
     """`kmeans` on the points x (n, d), validated, with the seeded generator `gen`."""
     n, d = x.shape
     if isinstance(init, torch.Tensor):
@@ -260,15 +274,15 @@ def _fit(x: torch.Tensor, k: int, gen: torch.Generator, iters: int,
     if anneal > 0:
         return _sr_c(x, k, centroids, anneal, gen, chunk)
     if d == 1 and iters > 0:
-        centroids = _lloyd_scalar(x[:, 0], centroids, iters)
+        centroids = _lloyd_scalar(x[:, 0], centroids, iters, weights)
         iters = 1  # one generic pass: labels, inertia, re-seeding of any empty cluster
     x_sq = squared_norms(x) if d > 1 else None  # the scalar path does not use them
     labels, dists = assign(x, centroids, chunk, x_sq)
-    inertia = float(dists.sum(dtype=torch.float64))
+    inertia = _inertia(dists, weights)
     for _ in range(iters):
-        centroids = update_centroids(x, labels, k, centroids, dists)
+        centroids = update_centroids(x, labels, k, centroids, dists, weights)
         new_labels, dists = assign(x, centroids, chunk, x_sq)
-        new_inertia = float(dists.sum(dtype=torch.float64))
+        new_inertia = _inertia(dists, weights)
         converged = torch.equal(new_labels, labels) or (
             inertia - new_inertia <= tol * max(inertia, 1e-30))
         labels, inertia = new_labels, new_inertia
@@ -302,14 +316,25 @@ def _sr_c(x: torch.Tensor, k: int, centroids: torch.Tensor, passes: int,
     return KMeansResult(centroids, labels, float(dists.sum(dtype=torch.float64)))
 
 
-def _lloyd_scalar(x: torch.Tensor, centroids: torch.Tensor, iters: int) -> torch.Tensor:
+def _inertia(dists: torch.Tensor, weights: torch.Tensor | None) -> float:
+    """Sum of (weighted) squared distances, in float64."""
+    if weights is None:
+        return float(dists.sum(dtype=torch.float64))
+    return float((dists.to(torch.float64) * weights).sum())
+
+
+def _lloyd_scalar(x: torch.Tensor, centroids: torch.Tensor, iters: int,
+                  weights: torch.Tensor | None = None) -> torch.Tensor:
     """Lloyd iterations for scalars on sorted data: each cluster is a contiguous run of the
     sorted points, found by binary search for the midpoints, and its mean comes from prefix
     sums, so an iteration costs O(k log n) after one O(n log n) sort. Exact same fixed
     point as the generic loop; stops when no boundary moves. Empty clusters keep their
-    value here and are re-seeded by the caller's final generic pass."""
-    xs = torch.sort(x.to(torch.float64)).values
-    prefix = torch.cat([xs.new_zeros(1), torch.cumsum(xs, 0)])
+    value here and are re-seeded by the caller's final generic pass. With `weights`,
+    weighted means (prefix sums of w and w x; a cluster of zero weight counts as empty)."""
+    xs, order = torch.sort(x.to(torch.float64))
+    w = None if weights is None else weights[order]
+    prefix = torch.cat([xs.new_zeros(1), torch.cumsum(xs if w is None else xs * w, 0)])
+    wprefix = None if w is None else torch.cat([xs.new_zeros(1), torch.cumsum(w, 0)])
     c = torch.sort(centroids[:, 0].to(torch.float64)).values
     bounds = None
     for _ in range(iters):
@@ -319,7 +344,8 @@ def _lloyd_scalar(x: torch.Tensor, centroids: torch.Tensor, iters: int) -> torch
         if bounds is not None and torch.equal(new_bounds, bounds):
             break
         bounds = new_bounds
-        counts = (bounds[1:] - bounds[:-1]).to(torch.float64)
+        counts = ((bounds[1:] - bounds[:-1]).to(torch.float64) if wprefix is None
+                  else wprefix[bounds[1:]] - wprefix[bounds[:-1]])
         sums = prefix[bounds[1:]] - prefix[bounds[:-1]]
         c = torch.where(counts > 0, sums / counts.clamp_min(1), c)
         c = torch.sort(c).values
@@ -327,14 +353,17 @@ def _lloyd_scalar(x: torch.Tensor, centroids: torch.Tensor, iters: int) -> torch
 
 
 def update_centroids(x: torch.Tensor, labels: torch.Tensor, k: int,
-                     previous: torch.Tensor, dists: torch.Tensor | None = None
-                     ) -> torch.Tensor:
-    """Mean of the points assigned to each centroid; empty clusters are re-seeded with
-    the points farthest from their centroids (deterministic), so no codeword is wasted."""
+                     previous: torch.Tensor, dists: torch.Tensor | None = None,
+                     weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean (weighted mean with `weights`) of the points assigned to each centroid; empty
+    clusters (of zero weight) are re-seeded with the points farthest from their centroids
+    (deterministic), so no codeword is wasted."""
     x = _as_points(x)
     sums = torch.zeros(k, x.shape[1], dtype=torch.float64, device=x.device)
-    sums.index_add_(0, labels, x.to(torch.float64))
-    counts = torch.bincount(labels, minlength=k)
+    values = x.to(torch.float64)
+    sums.index_add_(0, labels, values if weights is None else values * weights[:, None])
+    counts = (torch.bincount(labels, minlength=k) if weights is None
+              else torch.bincount(labels, weights, minlength=k))
     centroids = previous.clone()
     filled = counts > 0
     centroids[filled] = (sums[filled] / counts[filled, None]).to(x.dtype)

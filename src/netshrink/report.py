@@ -41,9 +41,12 @@ class Report:
     header_bytes: the file's header and manifest; `file_bytes` is their sum, the size on
     disk, and `ratio` is fp32 bytes / file bytes. weights_compressed / weights_total give
     the share of the model's weights (floating parameters of dim >= 2) that was
-    compressed. notes: what the method reported about its choices (the `Notes` of its
-    `prepare` / `encode`, e.g. PQF's permutation, ALDS's keep ratio) and remarks such as
-    dtype casts made on load; facts: the method's facts as a JSON-able dict.
+    compressed. calibration: the record of the calibration stage (calibrate.py: samples,
+    source, seconds, per-layer relative output error before/after), None when the model
+    was not calibrated in this process (it is not saved in files). notes: what the method
+    reported about its choices (the `Notes` of its `prepare` / `encode`, e.g. PQF's
+    permutation, ALDS's keep ratio) and remarks such as dtype casts made on load; facts:
+    the method's facts as a JSON-able dict.
     """
 
     method: str | None
@@ -57,6 +60,7 @@ class Report:
     weights_total: int | None = None
     notes: list[str] = field(default_factory=list)
     facts: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] | None = None
 
     @property
     def file_bytes(self) -> float:
@@ -92,6 +96,8 @@ class Report:
             lines.append(f"compressed {self.weights_compressed} of {self.weights_total} "
                          f"weights ({share:.1%}); {len(self.skipped)} kept dense (listed above)")
         lines += [f"note: {n}" for n in self.notes]
+        if self.calibration:
+            lines.append(calibration_line(self.calibration))
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -137,7 +143,21 @@ def report(model: nn.Module) -> Report:
     return Report(info.get("method"), info.get("target"), baseline / 8, model_bits(model) / 8,
                   rows, dict(info.get("skipped", {})), header_bytes(model),
                   info.get("weights_compressed"), info.get("weights_total"),
-                  list(info.get("notes", [])), dict(info.get("facts", {})))
+                  list(info.get("notes", [])), dict(info.get("facts", {})),
+                  info.get("calibration"))
+
+
+def calibration_line(record: dict[str, Any]) -> str:
+    """One line on the calibration stage: samples and their source, time, layers and
+    mean relative output error before -> after."""
+    line = (f"calibration: {record['samples']} samples ({record['source']}), "
+            f"{record['seconds']:.1f} s, {len(record['layers'])} layers re-encoded")
+    if record.get("mean_error_before") is not None:
+        line += (f", mean relative output error {record['mean_error_before']:.4g} -> "
+                 f"{record['mean_error_after']:.4g}")
+    if record.get("not_applicable"):
+        line += f", {len(record['not_applicable'])} not applicable"
+    return line
 
 
 def report_from_manifest(manifest: dict[str, Any], header: int = 0) -> Report:

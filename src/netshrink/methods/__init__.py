@@ -105,6 +105,9 @@ class Method:
     name: ClassVar[str] = ""
     config_cls: ClassVar[type] = object
     summary: ClassVar[str] = ""
+    calibrates: ClassVar[bool] = False
+    """Whether `compress(calibrate="auto")` runs the calibration stage (calibrate.py) on
+    this method's layers when data is given: true where they are scalar palettes."""
 
     def make_config(self, config: Any = None, **options: Any) -> Any:
         """The method's frozen config from an instance and/or keyword options."""

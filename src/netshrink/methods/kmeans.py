@@ -60,6 +60,7 @@ class KMeansMethod(Method):
     name = "kmeans"
     config_cls = KMeansConfig
     summary = "post-training scalar palettization (k-means per layer), the baseline"
+    calibrates = True
 
     def supports(self, module: nn.Module) -> str | None:
         return compressible(module)

@@ -160,6 +160,7 @@ class DKMMethod(Method):
     name = "dkm"
     config_cls = DKMConfig
     summary = "differentiable k-means (train-time soft clustering, scalar or vector)"
+    calibrates = True
 
     def supports(self, module: nn.Module) -> str | None:
         return compressible(module)
