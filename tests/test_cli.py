@@ -192,3 +192,31 @@ def test_sweep_on_your_own_model_and_image_folder(photos, tmp_path, capsys):
     assert results["metric"] == "agreement"
     assert [r["status"] for r in results["rows"]] == ["ok", "ok"]
     assert (out_dir / "report.html").is_file() and "kmeans" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--calibrate", "off", "--calibration-samples", "8"], "--calibration-samples"),
+    (["--calibration-samples", "0"], "samples"),
+])
+def test_calibration_flags_checked_before_work(argv, words, capsys, tmp_path):
+    assert main(["compress", "--model", "no/such/file.py:net", "--method", "kmeans",
+                 "-o", str(tmp_path / "x.nsk"), *argv]) == 2
+    assert words in _error_line(capsys)
+
+
+def test_compress_calibrates_on_request_and_not_when_off(tmp_path, capsys):
+    import numpy as np
+
+    (tmp_path / "net.py").write_text(
+        "from torch import nn\n"
+        "def net():\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(48, 64), nn.ReLU(), nn.Linear(64, 3))\n")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.normal(size=(40, 3, 4, 4)).astype(np.float32))
+    base = ["compress", "--model", f"{tmp_path / 'net.py'}:net", "--data",
+            f"npz:{tmp_path / 'd.npz'}", "--target", "2bit", "--min-weights", "0"]
+    assert main([*base, "--calibrate", "on", "--calibration-samples", "16",
+                 "-o", str(tmp_path / "on.nsk")]) == 0
+    assert "calibration: 16 samples (data)" in capsys.readouterr().out
+    assert main([*base, "--calibrate", "off", "-o", str(tmp_path / "off.nsk")]) == 0
+    assert "calibration:" not in capsys.readouterr().out

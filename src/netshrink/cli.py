@@ -81,6 +81,33 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                         "(not for fashion-mnist, which has its own test split)")
 
 
+def _add_calibration_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calibrate", choices=["auto", "on", "off"], default="auto",
+                   help="input-aware re-encoding of palette layers on the calibration split "
+                        "(auto: when the method supports it and no fine-tuning is asked)")
+    p.add_argument("--calibration-samples", type=int, metavar="N",
+                   help="calibration samples (default 128)")
+
+
+def _calibrate(args: argparse.Namespace, method: str) -> Any:
+    """--calibrate / --calibration-samples as compress's `calibrate=` for `method`
+    (checked here, before any work). With --calibration-samples, "auto" keeps its rule:
+    only methods that calibrate, only without fine-tuning."""
+    from .calibrate import Calibrate
+    from .methods import get_method
+
+    if args.calibrate == "off":
+        if args.calibration_samples is not None:
+            raise ConfigError("--calibration-samples goes with --calibrate auto or on")
+        return False
+    if args.calibration_samples is None:
+        return True if args.calibrate == "on" else "auto"
+    config = Calibrate(samples=args.calibration_samples)
+    if args.calibrate == "auto" and (not get_method(method).calibrates or args.epochs > 0):
+        return False
+    return config
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="netshrink", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -119,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--method", default="kmeans")
     c.add_argument("--target", default="4bit", help="'1.5MB', '800KB', 'x20' or '3bit'")
     _add_data_args(c)
+    _add_calibration_args(c)
     c.add_argument("--epochs", type=int, default=0, help="fine-tuning epochs (0: none)")
     c.add_argument("--lr", type=float, help="fine-tuning learning rate (default 1e-3, Adam)")
     c.add_argument("--batch-size", type=int, default=128)
@@ -202,6 +230,9 @@ def _add_sweep_parser(sub: Any) -> None:
                         "or path/file.py:factory")
     _add_model_args(s)
     _add_data_args(s)
+    s.add_argument("--calibrate", choices=["auto", "on", "off"], default="auto",
+                   help="input-aware re-encoding of palette layers on the calibration split "
+                        "(auto: when the method supports it and no fine-tuning is asked)")
     s.add_argument("--methods", default="all", help="'all' or comma-separated methods")
     s.add_argument("--targets", default="x4,x8,x16",
                    help="comma-separated targets: ratios 'x8', sizes '100KB', bits '3bit'")
@@ -310,6 +341,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
     options = dict(_parse_option(o) for o in args.option)
     get_method(args.method).make_config(**options)
     parse_target(args.target)
+    calibrate = _calibrate(args, args.method)
     _floats(args.mean, "--mean")
     _floats(args.std, "--std")
     _model_args(args)
@@ -328,7 +360,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
     data = _load_data(args, model, args.subset_train)
     small = api.compress(model, args.method, args.target, data=data.train, finetune=finetune,
                          min_weights=args.min_weights, seed=args.seed, strict=args.strict,
-                         **options)
+                         calibrate=calibrate, **options)
     if not is_main_process():
         return
     size = fileformat.save(small, args.output)
@@ -499,7 +531,9 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     result = run_sweep(model, names, targets, train_data=train, eval_data=test,
                        out_dir=out_dir, metric=args.metric if args.metric != "auto" else metric,
                        finetune=finetune, options=options, describe=describe,
-                       compress_kwargs={"min_weights": args.min_weights, "seed": args.seed},
+                       compress_kwargs={"min_weights": args.min_weights, "seed": args.seed,
+                                        "calibrate": {"auto": "auto", "on": True,
+                                                      "off": False}[args.calibrate]},
                        force=args.force)
     print(f"\n{args.model} on {args.data}: {result.metric} of each reloaded .nsk file; "
           f"{'post-training' if finetune is None else f'{args.epochs} epoch(s) fine-tuning'}"
