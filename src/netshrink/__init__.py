@@ -21,6 +21,7 @@ from .fileformat import inspect_file, load, save
 from .kmeans import kmeans
 from .layers import CompressedLayer, PalettizedLayer
 from .methods import Method, get_method, methods, register_method
+from .reconstruct import Reconstruct, reconstruct
 from .report import Report, report
 from .size import Target, model_bits, parse_target
 from .synthetic import synthesize_inputs
@@ -31,8 +32,8 @@ __version__ = "0.1.0"
 __all__ = [
     "CompressedLayer", "ConfigError", "DataError", "Finetune", "FormatError",
     "IncompleteCompressionError", "InfeasibleTargetError", "Method", "NetshrinkError",
-    "NonFiniteError", "PalettizedLayer", "Report", "StepHook", "Target", "agreement",
-    "compress", "evaluate", "fidelity", "fit", "get_method", "inspect_file",
-    "kmeans", "load", "methods", "model_bits", "parse_target", "register_method", "report",
-    "save", "sqnr_db", "synthesize_inputs",
+    "NonFiniteError", "PalettizedLayer", "Reconstruct", "Report", "StepHook", "Target",
+    "agreement", "compress", "evaluate", "fidelity", "fit", "get_method", "inspect_file",
+    "kmeans", "load", "methods", "model_bits", "parse_target", "reconstruct",
+    "register_method", "report", "save", "sqnr_db", "synthesize_inputs",
 ]
