@@ -32,7 +32,7 @@ class ResNet(nn.Module):
     """Stem, three residual blocks, head; `glue` puts a scaling between blocks (then block
     inputs are not the previous outputs and must be captured by re-running the model)."""
 
-    def __init__(self, c: int = 16, glue: bool = False) -> None:
+    def __init__(self, c: int = 8, glue: bool = False) -> None:
         super().__init__()
         self.stem = nn.Conv2d(3, c, 3, padding=1)
         self.bn = nn.BatchNorm2d(c)
@@ -94,7 +94,7 @@ def _resnet(glue: bool = False) -> nn.Module:
     return net.eval()
 
 
-FAST = Reconstruct(steps=40, lr=3e-3, batch_size=16, progress=False)
+FAST = Reconstruct(steps=25, lr=3e-3, batch_size=16, progress=False)
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -119,7 +119,7 @@ def test_kmeans_resnet_errors_go_down_and_stored_form_stays(tmp_path, glue):
              if isinstance(m, PalettizedLayer)}
     teacher_state = _state(teacher)
     stats = {k: v for k, v in _state(student).items() if "running_" in k}
-    report = reconstruct(student, teacher, torch.randn(64, 3, 8, 8), FAST)
+    report = reconstruct(student, teacher, torch.randn(48, 3, 6, 6), FAST)
     _check_report(report)
     assert report["chained"] is not glue
     assert [r["block"] for r in report["blocks"]] == [
