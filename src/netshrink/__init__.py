@@ -25,6 +25,7 @@ from .fileformat import inspect_file, load, save
 from .kmeans import kmeans
 from .layers import CompressedLayer, PalettizedLayer
 from .methods import Method, get_method, methods, register_method
+from .reconstruct import Reconstruct, reconstruct
 from .report import Report, report
 from .size import Target, model_bits, parse_target
 from .sources import load_model
@@ -39,10 +40,10 @@ __version__ = "0.1.0"
 __all__ = [
     "Calibrate", "CompressedLayer", "ConfigError", "DataError", "DataSource", "Finetune",
     "FormatError", "IncompleteCompressionError", "InfeasibleTargetError", "Method",
-    "NetshrinkError", "NonFiniteError", "PalettizedLayer", "Report", "Score", "StepHook",
-    "SweepConfigError", "SweepResult", "Target", "agreement", "calibration_inputs",
-    "compress", "evaluate", "fidelity", "fit", "get_method", "inspect_file", "kmeans", "load",
-    "load_data", "load_model", "methods", "model_bits", "parse_target", "perplexity",
-    "register_dataset", "register_method", "report", "run_sweep", "save", "score", "sqnr_db",
-    "synthesize_inputs",
+    "NetshrinkError", "NonFiniteError", "PalettizedLayer", "Reconstruct", "Report", "Score",
+    "StepHook", "SweepConfigError", "SweepResult", "Target", "agreement",
+    "calibration_inputs", "compress", "evaluate", "fidelity", "fit", "get_method",
+    "inspect_file", "kmeans", "load", "load_data", "load_model", "methods", "model_bits",
+    "parse_target", "perplexity", "reconstruct", "register_dataset", "register_method",
+    "report", "run_sweep", "save", "score", "sqnr_db", "synthesize_inputs",
 ]
