@@ -208,31 +208,26 @@ def block_input(model: nn.Module, block: str, x: Tensor
                 ) -> tuple[Tensor, tuple[Any, ...], dict[str, Any]]:
     """(primary input, other args, kwargs) of `block` when `model` runs on `x`; the model
     stops there. Gradients flow if enabled (the stem is trained through this)."""
-    got: list[Any] = []
-
-    def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        got.append((args[0], tuple(args[1:]), dict(kwargs)))
-        raise _Stop
-
-    with _hooked(model.get_submodule(block), hook, "pre"):
-        try:
-            model(x)
-        except _Stop:
-            pass
-    if not got:
-        raise ConfigError(f"block {block!r} did not run")
-    return got[0]
+    return _run_until(model, block, x, "pre",
+                      lambda args, kwargs, _out: (args[0], tuple(args[1:]), dict(kwargs)))
 
 
 def block_output(model: nn.Module, block: str, x: Tensor) -> Tensor:
     """The primary output of `block` when `model` runs on `x`; the model stops there."""
-    got: list[Tensor] = []
+    return _run_until(model, block, x, "post", lambda _args, _kwargs, out: primary(out))
 
-    def hook(_m: nn.Module, _a: Any, _k: Any, out: Any) -> None:
-        got.append(primary(out))
+
+def _run_until(model: nn.Module, block: str, x: Tensor, kind: str, take: Any) -> Any:
+    """Run `model` on `x` until `block` is called ("pre") or returns ("post"), and return
+    `take(args, kwargs, output)` there; the rest of the model does not run."""
+    got: list[Any] = []
+
+    def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+             out: Any = None) -> None:
+        got.append(take(args, kwargs, out))
         raise _Stop
 
-    with _hooked(model.get_submodule(block), hook, "post"):
+    with _hooked(model.get_submodule(block), hook, kind):
         try:
             model(x)
         except _Stop:
