@@ -263,3 +263,24 @@ def test_memory_bound_limits_the_layers_captured_at_once(monkeypatch):
     assert seen == [1] * 6
     probes = trial(out, dict(out.named_children()), data[0][0][:1])
     assert [len(g) for g in plan_groups(list(probes.values()), 1e-9, None)] == [1] * 6
+
+
+def test_calibration_followed_by_block_reconstruction(small_net, toy_loader):
+    """Calibrate(reconstruct=Reconstruct(...)): the same inputs then reconstruct the
+    blocks; the output error falls, the stored bits stay, the report says so."""
+    from netshrink import Reconstruct
+
+    gptq = _compress(small_net, toy_loader, Calibrate(samples=64))
+    both = _compress(small_net, toy_loader,
+                     Calibrate(samples=64, reconstruct=Reconstruct(steps=20, batch_size=16,
+                                                                   progress=False)))
+    rec = both.netshrink_info["calibration"]["reconstruct"]
+    assert rec["samples"] == 64 and rec["output_error_after"] <= rec["output_error_before"]
+    assert "block reconstruction:" in netshrink.report(both).summary()
+    assert netshrink.model_bits(both) == netshrink.model_bits(gptq)
+    x = next(iter(toy_loader))[0]
+    with torch.no_grad():
+        ref = small_net(x)
+        assert F.mse_loss(both(x), ref) <= F.mse_loss(gptq(x), ref) * 1.05
+    with pytest.raises(netshrink.ConfigError, match="reconstruct"):
+        Calibrate(reconstruct=True)

@@ -155,6 +155,8 @@ def compress(
             model.train(was_training)
     algo.finalize(student, cfg)
     student.eval()
+    if calibration is not None and record is not None:  # calibration, part 2b (optional)
+        calibration.reconstruct(student, model, record)
     _check_finite(student)
 
     setattr(student, INFO_ATTR, context.info(notes, _layer_stats(student, originals)))

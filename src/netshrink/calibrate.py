@@ -44,6 +44,7 @@ from .errors import ConfigError, DataError
 from .gptq import decode, factor, gptq_codes, output_error, refit_codebook, refit_scale
 from .kmeans import kmeans
 from .layers import PalettizedLayer, compressed_layers, set_module, weight_rows
+from .reconstruct import Reconstruct, reconstruct
 from .synthetic import batchnorm_layers, synthesize_inputs
 from .train.batches import model_device, split_batch, training_mode
 from .train.distributed import is_distributed
@@ -65,7 +66,9 @@ class Calibrate:
     fraction of H's mean diagonal; passes: GPTQ + refit rounds; refit: least-squares
     codebook and scale refit; weighted_init: H-weighted k-means before GPTQ; act_order:
     code columns by decreasing H_jj; input_shape: (C, H, W) of one input, needed only for
-    data-free calibration; synthetic_iters: ZeroQ steps per synthetic batch.
+    data-free calibration; synthetic_iters: ZeroQ steps per synthetic batch; reconstruct:
+    a `Reconstruct` to follow with block-wise reconstruction (reconstruct.py) on the same
+    inputs, after fine-tuning if any (None: no reconstruction).
     """
 
     samples: int = 128
@@ -78,6 +81,7 @@ class Calibrate:
     act_order: bool = True
     input_shape: tuple[int, ...] | None = None
     synthetic_iters: int = 500
+    reconstruct: Reconstruct | None = None
 
     def __post_init__(self) -> None:
         def whole(v: Any) -> bool:
@@ -93,6 +97,9 @@ class Calibrate:
             raise ConfigError(f"Calibrate.damp must be in (0, 1), got {self.damp!r}")
         if not (whole(self.passes) and self.passes >= 1):
             raise ConfigError(f"Calibrate.passes must be an integer >= 1, got {self.passes!r}")
+        if self.reconstruct is not None and not isinstance(self.reconstruct, Reconstruct):
+            raise ConfigError(f"Calibrate.reconstruct must be None or a netshrink.Reconstruct, "
+                              f"got {type(self.reconstruct).__name__}")
         if not (whole(self.synthetic_iters) and self.synthetic_iters >= 0):
             raise ConfigError("Calibrate.synthetic_iters must be an integer >= 0")
         if self.input_shape is not None and not (
@@ -220,6 +227,14 @@ class Stage:
             finetuning: bool) -> dict[str, Any]:
         """Re-encode the palette layers of `model` (in place); returns the record."""
         return run(model, originals, self, finetuning)
+
+    def reconstruct(self, student: nn.Module, teacher: nn.Module,
+                    record: dict[str, Any]) -> None:
+        """Block-wise reconstruction of the finalized `student` towards `teacher` on the
+        stage's inputs, when the options ask for it; its report goes into `record`."""
+        if self.config.reconstruct is not None:
+            record["reconstruct"] = reconstruct(student, teacher, torch.cat(self.inputs),
+                                                self.config.reconstruct)
 
 
 def prepare(model: nn.Module, data: Any, calibrate: Any, calibrates: bool,

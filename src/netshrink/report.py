@@ -157,6 +157,11 @@ def calibration_line(record: dict[str, Any]) -> str:
                  f"{record['mean_error_after']:.4g}")
     if record.get("not_applicable"):
         line += f", {len(record['not_applicable'])} not applicable"
+    rec = record.get("reconstruct")
+    if rec:
+        line += (f"; block reconstruction: {len(rec['blocks'])} blocks, {rec['steps']} steps "
+                 f"each on {rec['samples']} samples, {rec['seconds']:.1f} s, output error "
+                 f"{rec['output_error_before']:.4g} -> {rec['output_error_after']:.4g}")
     return line
 
 
