@@ -49,6 +49,9 @@ def main() -> None:
     p.add_argument("--final-steps", type=int, default=0)
     p.add_argument("--final-lr", type=float, default=1e-4)
     p.add_argument("--memory-mb", type=float, default=3072)
+    p.add_argument("--gptq-samples", type=int, default=0,
+                   help="first calibrate (compress's calibrate=) on this many of the "
+                        "calibration views (0: post-training k-means only)")
     p.add_argument("--tune", action="store_true",
                    help="calibrate and score on two halves of the calibration photos")
     args = p.parse_args()
@@ -61,8 +64,12 @@ def main() -> None:
     start = time.perf_counter()
     options = ({"keep_ratio": float(args.target.split("=")[1])}
                if args.target.startswith("keep=") else {"target": args.target})
+    gptq = args.gptq_samples > 0
     small = netshrink.compress(model, args.method, min_weights=0, exclude=["_conv_stem"],
-                               seed=0, **options)
+                               seed=0, data=DataLoader(TensorDataset(calib), batch_size=32)
+                               if gptq else None,
+                               calibrate=netshrink.Calibrate(samples=args.gptq_samples)
+                               if gptq else False, **options)
     compress_s = time.perf_counter() - start
     cfg = netshrink.Reconstruct(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                                 memory_mb=args.memory_mb, final_steps=args.final_steps,
@@ -84,7 +91,7 @@ def main() -> None:
               "calibration_photos": list(calib_names), "evaluation_photos": list(eval_names),
               "report": report, "torch": torch.__version__, "machine": platform.machine(),
               "threads": torch.get_num_threads()}
-    tail = "_tune" if args.tune else ""
+    tail = ("_tune" if args.tune else "") + (f"_gptq{args.gptq_samples}" if gptq else "")
     out = (Path(__file__).parent / "results" /
            f"reconstruct_efficientnet_{args.method}_{args.target.replace('=', '')}{tail}.json")
     out.write_text(json.dumps(result, indent=1, default=str))
