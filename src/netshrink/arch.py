@@ -88,14 +88,20 @@ def register_family(prefix: str, factory: Callable[..., nn.Module], *,
     Registering a prefix again from the same module replaces it; from another, ConfigError."""
     if not isinstance(prefix, str) or not _PREFIX.fullmatch(prefix):
         raise ConfigError(f"a family prefix must be a lower-case word, got {prefix!r}")
+    module = _provider(f"family {prefix!r}", factory, module, _FAMILIES.get(prefix))
+    _FAMILIES[prefix] = ArchFamily(prefix, factory, module, rebuild)
+
+
+def _provider(what: str, factory: Callable[..., nn.Module], module: str | None,
+              registered: ArchEntry | ArchFamily | None) -> str:
+    """The module that provides `what` (``factory.__module__`` unless given), checked to be
+    a dotted module name and not to take over what another module registered."""
     module = module if module is not None else getattr(factory, "__module__", None)
     if not isinstance(module, str) or not _MODULE_NAME.fullmatch(module):
-        raise ConfigError(f"family {prefix!r}: module must be a dotted module name, "
-                          f"got {module!r}")
-    old = _FAMILIES.get(prefix)
-    if old is not None and old.module != module:
-        raise ConfigError(f"family {prefix!r} is already registered by {old.module}")
-    _FAMILIES[prefix] = ArchFamily(prefix, factory, module, rebuild)
+        raise ConfigError(f"{what}: module must be a dotted module name, got {module!r}")
+    if registered is not None and registered.module != module:
+        raise ConfigError(f"{what} is already registered by {registered.module}")
+    return module
 
 
 def family_of(name: str) -> tuple[ArchFamily, str] | None:
@@ -116,13 +122,7 @@ def register_arch(name: str, factory: Callable[..., nn.Module], *,
         raise ConfigError(f"an architecture name must be a non-empty string, got {name!r}")
     if not callable(factory):
         raise ConfigError(f"the factory of architecture {name!r} is not callable: {factory!r}")
-    module = module if module is not None else getattr(factory, "__module__", None)
-    if not isinstance(module, str) or not _MODULE_NAME.fullmatch(module):
-        raise ConfigError(f"architecture {name!r}: module must be a dotted module name, "
-                          f"got {module!r}")
-    old = _REGISTRY.get(name)
-    if old is not None and old.module != module:
-        raise ConfigError(f"architecture {name!r} is already registered by {old.module}")
+    module = _provider(f"architecture {name!r}", factory, module, _REGISTRY.get(name))
     _REGISTRY[name] = ArchEntry(name, factory, module)
 
 
