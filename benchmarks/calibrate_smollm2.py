@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import resource
 import tempfile
@@ -48,14 +47,9 @@ class _Logits(nn.Module):
 
 
 def perplexity(model: nn.Module, windows: list[torch.Tensor]) -> float:
-    """exp(mean next-token NLL) over every predicted token of the windows."""
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for ids in windows:
-            logits = model(ids[None], use_cache=False).logits[0, :-1].float()
-            nll += float(torch.nn.functional.cross_entropy(logits, ids[1:], reduction="sum"))
-            count += len(ids) - 1
-    return math.exp(nll / count)
+    """netshrink.perplexity of the wrapped LM (model(ids) -> logits) over the windows, one
+    window per batch: every predicted token of every window counts."""
+    return netshrink.perplexity(model, [ids[None] for ids in windows])
 
 
 def tokens(tokenizer: Any, text: str) -> torch.Tensor:
@@ -95,10 +89,10 @@ def main() -> None:
     result["text"] = {"calibration_documents": calib_docs, "evaluation_documents": eval_docs,
                       "calibration_tokens": int(calib.numel()),
                       "evaluation_tokens": sum(len(w) for w in windows)}
-    result["perplexity_fp32"] = round(perplexity(model, windows), 4)
+    wrapped = _Logits(model)
+    result["perplexity_fp32"] = round(perplexity(wrapped, windows), 4)
     result["load_and_fp32_s"] = round(time.perf_counter() - start, 1)
     print(json.dumps(result, indent=2), flush=True)
-    wrapped = _Logits(model)
     layers = [f"lm.model.layers.{i}.*" for i in range(model.config.num_hidden_layers)]
     rows = []
     for bits in [int(b) for b in args.bits.split(",")]:
@@ -120,7 +114,7 @@ def main() -> None:
                 "file_bytes": file_bytes, "layers": len(rep.layers),
                 "layers_bits_per_weight": round(layer_bits / layer_weights, 4),
                 "file_bits_per_weight_all": round(8 * file_bytes / (rep.weights_total or 1), 4),
-                "perplexity": round(perplexity(small.lm, windows), 4),
+                "perplexity": round(perplexity(small, windows), 4),
             }
             if record:
                 row["calibration"] = {k: record[k] for k in (
