@@ -52,6 +52,9 @@ def main() -> None:
     p.add_argument("--gptq-samples", type=int, default=0,
                    help="first calibrate (compress's calibrate=) on this many of the "
                         "calibration views (0: post-training k-means only)")
+    p.add_argument("--codes", choices=["fixed", "soft"], default="fixed")
+    p.add_argument("--round-weight", type=float, default=0.01)
+    p.add_argument("--codes-lr", type=float, default=1e-2)
     p.add_argument("--tune", action="store_true",
                    help="calibrate and score on two halves of the calibration photos")
     args = p.parse_args()
@@ -73,7 +76,8 @@ def main() -> None:
     compress_s = time.perf_counter() - start
     cfg = netshrink.Reconstruct(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                                 memory_mb=args.memory_mb, final_steps=args.final_steps,
-                                final_lr=args.final_lr)
+                                final_lr=args.final_lr, codes=args.codes,
+                                round_weight=args.round_weight, codes_lr=args.codes_lr)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "m.nsk"
         size = netshrink.save(small, path)
@@ -91,7 +95,8 @@ def main() -> None:
               "calibration_photos": list(calib_names), "evaluation_photos": list(eval_names),
               "report": report, "torch": torch.__version__, "machine": platform.machine(),
               "threads": torch.get_num_threads()}
-    tail = ("_tune" if args.tune else "") + (f"_gptq{args.gptq_samples}" if gptq else "")
+    tail = ("_tune" if args.tune else "") + (f"_gptq{args.gptq_samples}" if gptq else "") \
+        + f"_{args.codes}{args.steps}"
     out = (Path(__file__).parent / "results" /
            f"reconstruct_efficientnet_{args.method}_{args.target.replace('=', '')}{tail}.json")
     out.write_text(json.dumps(result, indent=1, default=str))

@@ -3,7 +3,11 @@ after post-training 2-bit compression, from 1,024 unlabelled training images (la
 never read): test accuracy of the fp32 baseline, the compressed model, and the
 reconstructed one (goal of issue 22: within 1.5 points of fp32).
 
-    PYTHONPATH=src .venv/bin/python benchmarks/reconstruct_resnet20.py --methods kmeans dkm
+    PYTHONPATH=src .venv/bin/python benchmarks/reconstruct_resnet20.py --methods kmeans dkm \
+        --calibrate --codes soft
+
+`--calibrate` runs the input-aware encoding (calibrate.py) on the same images first;
+`--codes soft` lets reconstruction re-choose the codes (AdaRound, softcodes.py).
 
 The baseline is `netshrink_lab.zoo.load_or_train_baseline` (trained and cached if missing).
 Writes benchmarks/results/reconstruct_resnet20.json.
@@ -36,6 +40,12 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--final-steps", type=int, default=0)
+    p.add_argument("--codes", choices=["fixed", "soft"], default="soft")
+    p.add_argument("--round-weight", type=float, default=0.01)
+    p.add_argument("--codes-lr", type=float, default=1e-2)
+    p.add_argument("--calibrate", action="store_true",
+                   help="input-aware encoding (GPTQ) on the same images before reconstruction")
+    p.add_argument("--out", default="reconstruct_resnet20.json")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     model, meta = zoo.load_or_train_baseline("resnet20", "fashion-mnist")
@@ -46,11 +56,15 @@ def main() -> None:
     fp32 = evaluate(model, test)
     rows = []
     cfg = netshrink.Reconstruct(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                                final_steps=args.final_steps)
+                                final_steps=args.final_steps, codes=args.codes,
+                                round_weight=args.round_weight, codes_lr=args.codes_lr)
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods:
             start = time.perf_counter()
-            small = netshrink.compress(model, method, args.target, seed=0)
+            calib = {"data": [images[i:i + 128] for i in range(0, len(images), 128)],
+                     "calibrate": netshrink.Calibrate(samples=args.samples)} \
+                if args.calibrate else {}
+            small = netshrink.compress(model, method, args.target, seed=0, **calib)
             compress_s = time.perf_counter() - start
             path = Path(tmp) / "m.nsk"
             size = netshrink.save(small, path)
@@ -64,7 +78,7 @@ def main() -> None:
                          "report": report})
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "report"}),
                   flush=True)
-    out = Path(__file__).parent / "results" / "reconstruct_resnet20.json"
+    out = Path(__file__).parent / "results" / args.out
     out.write_text(json.dumps({"rows": rows, "settings": vars(args), "baseline": meta,
                                "torch": torch.__version__, "machine": platform.machine(),
                                "threads": torch.get_num_threads()}, indent=1, default=str))

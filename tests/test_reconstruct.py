@@ -142,6 +142,65 @@ def test_kmeans_resnet_errors_go_down_and_stored_form_stays(tmp_path, glue):
         assert torch.equal(again(x), student(x))
 
 
+def test_soft_codes_rechoose_codes_within_the_same_bytes(tmp_path):
+    teacher = _resnet()
+    fixed = netshrink.compress(teacher, "kmeans", "2bit", min_weights=0)
+    soft = netshrink.compress(teacher, "kmeans", "2bit", min_weights=0)
+    size = netshrink.save(soft, tmp_path / "before.nsk")
+    codes = {n: m.codes.clone() for n, m in soft.named_modules()
+             if isinstance(m, PalettizedLayer)}
+    x = torch.randn(64, 3, 6, 6)
+    steps = dict(steps=60, lr=3e-3, batch_size=16, progress=False)
+    r_fixed = reconstruct(fixed, teacher, x, Reconstruct(**steps))
+    r_soft = reconstruct(soft, teacher, x, Reconstruct(codes="soft", **steps))
+    _check_report(r_soft)
+    assert sum(r.get("codes_changed", 0) for r in r_soft["blocks"]) > 0
+    assert any(r.get("codes_relaxed", 0) > 0 for r in r_soft["blocks"])
+    changed = [n for n, m in soft.named_modules() if isinstance(m, PalettizedLayer)
+               and not torch.equal(m.codes, codes[n])]
+    assert changed
+    for m in soft.modules():  # hardened: plain decode again, codes in range
+        if isinstance(m, PalettizedLayer):
+            assert "decode_weight" not in m.__dict__
+            assert int(m.codes.max()) < m.codebook.shape[0]
+    def block_errors(report: dict) -> list[float]:
+        return [r["error_after"] for r in report["blocks"] if r["block"].startswith("blocks.")]
+    # the blocks' palettes have codes to re-choose: each block ends nearer its target
+    assert all(s < f for s, f in zip(block_errors(r_soft), block_errors(r_fixed)))
+    assert netshrink.save(soft, tmp_path / "after.nsk") == size
+    again = netshrink.load(tmp_path / "after.nsk", teacher)
+    y = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(again(y), soft(y))
+
+
+def test_soft_codes_start_at_the_original_weight_and_harden_to_bracketing_entries():
+    from netshrink.softcodes import SoftCodes, beta_at
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3)
+    layer = netshrink.compress(nn.Sequential(conv), "kmeans", "2bit", min_weights=0)[0]
+    assert isinstance(layer, PalettizedLayer)
+    scale = (torch.ones(6) if layer.scale is None else layer.scale.detach()).view(-1, 1, 1, 1)
+    u = conv.weight.detach() / scale  # the weights in the codebook's units
+    sc = SoftCodes(layer, conv.weight.detach())
+    book = layer.codebook.detach()[:, 0]
+    gap = float(book.sort().values.diff().max())
+    inside = (u >= book.min()) & (u <= book.max())
+    # h starts clamped to [0.01, 0.99]: w_soft is within 1% of a gap of the weight
+    soft = layer.decode_weight().detach() / scale
+    assert float((soft - u)[inside].abs().max()) <= 0.01 * gap + 1e-6
+    assert bool(inside.any()) and bool((~inside).any())
+    sc.harden()
+    assert "decode_weight" not in layer.__dict__
+    hard = book[layer.codes.long()].reshape(u.shape)
+    # every code is one of the two entries around the weight, or the nearest end
+    assert float((hard - u)[inside].abs().max()) <= gap + 1e-6
+    ends = torch.where(u < book.min(), book.min(), book.max())
+    assert torch.equal(hard[~inside], ends[~inside])
+    assert beta_at(0, 100) is None and beta_at(20, 100) == 20.0
+    assert abs(beta_at(100, 100) - 2.0) < 1e-9
+
+
 def test_alds_transformer_stack_with_keyword_arguments():
     torch.manual_seed(0)
     teacher = Stack().eval()
@@ -218,6 +277,7 @@ def test_non_finite_outputs_give_data_error():
 @pytest.mark.parametrize("kwargs", [
     {"steps": -1}, {"lr": 0}, {"lr": float("nan")}, {"batch_size": 0}, {"memory_mb": -1},
     {"blocks": ()}, {"blocks": ("",)}, {"final_steps": 1.5}, {"seed": -1},
+    {"codes": "hard"}, {"round_weight": 0}, {"codes_lr": -1},
 ])
 def test_config_is_checked_when_built(kwargs):
     with pytest.raises(ConfigError):

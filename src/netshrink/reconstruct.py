@@ -9,9 +9,13 @@ block at a time, then (optionally) a short end-to-end distillation. Here:
   the *teacher's* block on the teacher's own inputs, so errors do not accumulate (§4);
 - only stored parameters whose size and layout are fixed are trained: palette codebooks
   and scales, low-rank factors, per-layer scalars, biases and norm affines (and the dense
-  weights of uncompressed layers with `dense=True`); codes never change, so the file has
-  the same bytes count. Shared representations (SMH's bank, an `attached` stored module)
-  are left alone. Loss: MSE of the block outputs, Adam with a cosine-decayed rate;
+  weights of uncompressed layers with `dense=True`); codes stay fixed, or with
+  `codes="soft"` scalar palettes re-choose each code between the two codebook entries
+  around the original weight (AdaRound, as BRECQ does; softcodes.py): either way the
+  codes keep their count and width, so the file has the same bytes count. Shared
+  representations (SMH's bank, an `attached` stored module) are left alone. Loss: MSE of
+  the block outputs relative to their mean square (plus AdaRound's rounding regulariser
+  with soft codes), Adam with a cosine-decayed rate;
 - every module stays in eval mode (BatchNorm running statistics do not move);
 - memory: one block's input and output activations (student and teacher) are held at a
   time, on the CPU; `memory_mb` lowers the number of samples when they would not fit;
@@ -26,7 +30,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -48,7 +52,8 @@ from .blocks import (
     with_primary,
 )
 from .errors import ConfigError, DataError, NetshrinkError
-from .layers import StoredModule, stored_modules
+from .layers import PalettizedLayer, StoredModule, stored_modules
+from .softcodes import SoftCodes, beta_at, relaxable
 from .train import Finetune, StepHook, fit
 from .train.batches import model_device, training_mode
 from .train.config import is_int, is_number, require
@@ -62,7 +67,11 @@ class Reconstruct:
     to 0) on mini-batches of `batch_size` samples; activations held within `memory_mb`
     (fewer samples otherwise); `blocks` names the blocks (None: found automatically);
     `final_steps` steps of end-to-end distillation at `final_lr` afterwards; `dense=True`
-    also trains the dense weights of uncompressed layers. Checked when built."""
+    also trains the dense weights of uncompressed layers. `codes="soft"` also re-chooses
+    the codes of scalar palette layers (AdaRound's relaxed rounding between the two
+    codebook entries around each original weight, softcodes.py), with the regulariser at
+    `round_weight` and the relaxation trained at `codes_lr`; "fixed" keeps the codes.
+    Checked when built."""
 
     steps: int = 200
     lr: float = 1e-3
@@ -72,6 +81,9 @@ class Reconstruct:
     final_steps: int = 0
     final_lr: float = 1e-4
     dense: bool = False
+    codes: str = "fixed"
+    round_weight: float = 0.01
+    codes_lr: float = 1e-2
     seed: int = 0
     progress: bool = True
 
@@ -84,7 +96,9 @@ class Reconstruct:
                 f"Reconstruct.batch_size must be an integer >= 1, got {self.batch_size!r}")
         require(is_int(self.seed) and self.seed >= 0,
                 f"Reconstruct.seed must be an integer >= 0, got {self.seed!r}")
-        for name in ("lr", "final_lr", "memory_mb"):
+        require(self.codes in ("fixed", "soft"),
+                f"Reconstruct.codes must be 'fixed' or 'soft', got {self.codes!r}")
+        for name in ("lr", "final_lr", "memory_mb", "round_weight", "codes_lr"):
             value = getattr(self, name)
             require(is_number(value) and value > 0 and math.isfinite(value),
                     f"Reconstruct.{name} must be a finite number > 0, got {value!r}")
@@ -171,6 +185,25 @@ def trainable(model: nn.Module, names: Sequence[str], dense: bool
     return list(params.values()), stored
 
 
+def relaxed(student: nn.Module, teacher: nn.Module, names: Sequence[str]
+            ) -> list[tuple[PalettizedLayer, Tensor]]:
+    """The scalar palette layers among the units `names` whose codes soft codes may
+    re-choose, each with the teacher's weight at the same name (layers the teacher has no
+    weight for are left out)."""
+    out = []
+    for name in names:
+        module = student.get_submodule(name)
+        if not relaxable(module):
+            continue
+        try:
+            weight = getattr(teacher.get_submodule(name), "weight", None)
+        except AttributeError:
+            weight = None
+        if isinstance(weight, Tensor) and weight.numel() == module.codes.numel():
+            out.append((module, weight.detach()))
+    return out
+
+
 @dataclass
 class _Stage:
     """One thing to reconstruct: a block, the stem or the head."""
@@ -179,6 +212,8 @@ class _Stage:
     params: list[nn.Parameter]
     stored: list[StoredModule]
     run: Callable[[Tensor], Tensor]  # sample indices -> student output (grad enabled)
+    relax: list[tuple[PalettizedLayer, Tensor]] = field(default_factory=list)
+    """Scalar palette layers whose codes may be relaxed, with their original weights."""
 
 
 class _Data:
@@ -218,8 +253,9 @@ def _measure(stage: _Stage, targets: Tensor, data: _Data, out: Tensor | None = N
 
 def _reconstruct_stage(stage: _Stage, targets: Tensor, data: _Data, cfg: Reconstruct,
                        out: Tensor | None = None) -> dict[str, Any]:
-    """Train `stage.params` on the MSE to `targets`; keep the result only if the error on
-    the calibration samples went down. Writes the final outputs to `out`."""
+    """Train `stage.params` (and, with soft codes, the codes of its scalar palettes) on the
+    relative MSE to `targets`; keep the result only if the error on the calibration
+    samples went down. Writes the final outputs to `out`."""
     start = time.perf_counter()
     before = _measure(stage, targets, data, out)
     record: dict[str, Any] = {"block": stage.name, "params": sum(p.numel() for p in stage.params),
@@ -230,18 +266,29 @@ def _reconstruct_stage(stage: _Stage, targets: Tensor, data: _Data, cfg: Reconst
         _log(record)
         return record
     saved = [p.detach().clone() for p in stage.params]
+    soft = [SoftCodes(layer, original) for layer, original in stage.relax] \
+        if cfg.codes == "soft" else []
+    free = sum(int(sc.free.sum()) for sc in soft)
+    ref = max(float(targets.float().pow(2).mean()), 1e-30)
     for p in stage.params:
         p.requires_grad_(True)
-    opt = torch.optim.Adam(stage.params, lr=cfg.lr)
+    groups = [{"params": stage.params, "lr": cfg.lr}]
+    if soft:
+        groups.append({"params": [sc.v for sc in soft], "lr": cfg.codes_lr})
+    opt = torch.optim.Adam(groups)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * s / cfg.steps)))
     try:
         bar = tqdm(range(cfg.steps), desc=f"reconstruct {stage.name}", leave=False,
                    disable=not cfg.progress, dynamic_ncols=True)
-        for _ in bar:
+        for step in bar:
             idx = data.sample()
             y = stage.run(idx)
-            loss = F.mse_loss(y.float(), targets[idx].to(y.device).float())
+            loss = F.mse_loss(y.float(), targets[idx].to(y.device).float()) / ref
+            beta = beta_at(step, cfg.steps) if soft else None
+            if beta is not None and free:
+                loss = loss + cfg.round_weight * sum(
+                    sc.regulariser(beta) for sc in soft) / free
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -252,6 +299,7 @@ def _reconstruct_stage(stage: _Stage, targets: Tensor, data: _Data, cfg: Reconst
         for p in stage.params:
             p.requires_grad_(False)
             p.grad = None
+        changed = sum(sc.harden() for sc in soft)
     for m in stage.stored:
         m.finalize()
     finite = all(bool(torch.isfinite(p).all()) for p in stage.params)
@@ -261,9 +309,28 @@ def _reconstruct_stage(stage: _Stage, targets: Tensor, data: _Data, cfg: Reconst
         with torch.no_grad():
             for p, s in zip(stage.params, saved):
                 p.copy_(s)
+        for sc in soft:
+            sc.discard()
+        if soft:  # the codes as they were, and the other parameters trained alone
+            fixed = _reconstruct_stage(stage, targets, data, replace(cfg, codes="fixed"), out)
+            fixed["note"] = (f"soft codes gave {after:.4g}, not below {before:.4g}: codes "
+                             "kept" + (f"; {fixed['note']}" if "note" in fixed else ""))
+            fixed["seconds"] = time.perf_counter() - start
+            return fixed
         after = _measure(stage, targets, data, out)
     record.update(error_after=after, kept=kept, steps=cfg.steps,
                   seconds=time.perf_counter() - start)
+    if soft:  # kept: refit the other parameters to the hardened codes (a quarter as long)
+        record["codes_changed"], record["codes_relaxed"] = changed, free
+        refit = _reconstruct_stage(stage, targets, data,
+                                   replace(cfg, codes="fixed", steps=max(1, cfg.steps // 4)),
+                                   out)
+        record.update(error_after=min(after, refit["error_after"]),
+                      steps=cfg.steps + refit["steps"], seconds=time.perf_counter() - start,
+                      note=f"soft codes: {changed} of {free} changed ({after:.4g}), then "
+                           f"{refit['steps']} steps with the codes fixed")
+        _log(record)
+        return record
     if not kept:
         record["note"] = "restored: " + ("non-finite parameters" if not finite
                                          else "calibration error did not improve")
@@ -456,7 +523,8 @@ def _run(student: nn.Module, teacher: nn.Module, x: Tensor, names: list[str],
     stem_params, stem_stored = trainable(student, tr.stem, cfg.dense)
     if stem_params:
         stage = _Stage("stem", stem_params, stem_stored,
-                       lambda idx: block_input(student, first, x[idx].to(sd))[0])
+                       lambda idx: block_input(student, first, x[idx].to(sd))[0],
+                       relaxed(student, teacher, tr.stem))
         records.append(_reconstruct_stage(stage, t_in0, data, cfg))
         all_params += stem_params
     s_in, s_extras = _capture_inputs(student, first, x, data, tuple(t_in0.shape[1:]),
@@ -489,7 +557,8 @@ def _run(student: nn.Module, teacher: nn.Module, x: Tensor, names: list[str],
         block_units = [u for u in all_units if owner(u, names) == name]
         params, stored = trainable(student, block_units, cfg.dense)
         s_out = torch.empty((n, *shape), dtype=dtype)
-        stage = _Stage(name, params, stored, _block_run(student, name, s_in, extras, b))
+        stage = _Stage(name, params, stored, _block_run(student, name, s_in, extras, b),
+                       relaxed(student, teacher, block_units))
         records.append(_reconstruct_stage(stage, targets, data, cfg, s_out))
         all_params += params
         if chained:
@@ -559,7 +628,8 @@ def _head(student: nn.Module, teacher: nn.Module, tr: Trace, ttr: Trace, x: Tens
     def run(idx: Tensor) -> Tensor:
         value = with_primary(tr.templates[last], _to(s_last[idx], sd))
         return run_head(student, order, value, x[idx].to(sd))
-    return _reconstruct_stage(_Stage("head", params, stored, run), targets, data, cfg)
+    return _reconstruct_stage(_Stage("head", params, stored, run,
+                                     relaxed(student, teacher, tr.head)), targets, data, cfg)
 
 
 def _distill(student: nn.Module, teacher: nn.Module, x: Tensor, data: _Data,
