@@ -53,8 +53,8 @@ def main() -> None:
                    help="first calibrate (compress's calibrate=) on this many of the "
                         "calibration views (0: post-training k-means only)")
     p.add_argument("--codes", choices=["fixed", "soft"], default="fixed")
-    p.add_argument("--round-weight", type=float, default=0.01)
-    p.add_argument("--codes-lr", type=float, default=1e-2)
+    p.add_argument("--round-weight", type=float, default=1.0)
+    p.add_argument("--codes-lr", type=float, default=3e-2)
     p.add_argument("--tune", action="store_true",
                    help="calibrate and score on two halves of the calibration photos")
     args = p.parse_args()

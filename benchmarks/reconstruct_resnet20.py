@@ -41,8 +41,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--final-steps", type=int, default=0)
     p.add_argument("--codes", choices=["fixed", "soft"], default="soft")
-    p.add_argument("--round-weight", type=float, default=0.01)
-    p.add_argument("--codes-lr", type=float, default=1e-2)
+    p.add_argument("--round-weight", type=float, default=1.0)
+    p.add_argument("--codes-lr", type=float, default=3e-2)
     p.add_argument("--calibrate", action="store_true",
                    help="input-aware encoding (GPTQ) on the same images before reconstruction")
     p.add_argument("--out", default="reconstruct_resnet20.json")

@@ -1,6 +1,7 @@
 """CLI smoke test on real Fashion-MNIST subsets: train-baseline, compress, eval, inspect."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -197,6 +198,8 @@ def test_sweep_on_your_own_model_and_image_folder(photos, tmp_path, capsys):
 @pytest.mark.parametrize("argv, words", [
     (["--calibrate", "off", "--calibration-samples", "8"], "--calibration-samples"),
     (["--calibration-samples", "0"], "samples"),
+    (["--calibrate", "off", "--reconstruct", "10"], "--reconstruct"),
+    (["--reconstruct", "-1"], "--reconstruct"),
 ])
 def test_calibration_flags_checked_before_work(argv, words, capsys, tmp_path):
     assert main(["compress", "--model", "no/such/file.py:net", "--method", "kmeans",
@@ -220,3 +223,10 @@ def test_compress_calibrates_on_request_and_not_when_off(tmp_path, capsys):
     assert "calibration: 16 samples (data)" in capsys.readouterr().out
     assert main([*base, "--calibrate", "off", "-o", str(tmp_path / "off.nsk")]) == 0
     assert "calibration:" not in capsys.readouterr().out
+    # --reconstruct: block reconstruction after calibration, same file bytes, any method
+    assert main([*base, "--calibration-samples", "32", "--reconstruct", "5",
+                 "-o", str(tmp_path / "rec.nsk")]) == 0
+    assert "block reconstruction" in capsys.readouterr().out
+    def tensor_bytes(path: Path) -> int:  # safetensors: u64 header length, header, data
+        return path.stat().st_size - 8 - int.from_bytes(path.read_bytes()[:8], "little")
+    assert tensor_bytes(tmp_path / "rec.nsk") == tensor_bytes(tmp_path / "off.nsk")

@@ -87,6 +87,14 @@ def _add_calibration_args(p: argparse.ArgumentParser) -> None:
                         "(auto: when the method supports it and no fine-tuning is asked)")
     p.add_argument("--calibration-samples", type=int, metavar="N",
                    help="calibration samples (default 128)")
+    _add_reconstruct_arg(p)
+
+
+def _add_reconstruct_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--reconstruct", type=int, default=0, metavar="STEPS",
+                   help="block-wise reconstruction (BRECQ, soft codes) on the calibration "
+                        "samples after compressing, STEPS Adam steps per block, for every "
+                        "method (default 0: off)")
 
 
 def _calibrate(args: argparse.Namespace, method: str) -> Any:
@@ -95,14 +103,23 @@ def _calibrate(args: argparse.Namespace, method: str) -> Any:
     only methods that calibrate, only without fine-tuning."""
     from .calibrate import Calibrate
     from .methods import get_method
+    from .reconstruct import Reconstruct
 
+    samples = getattr(args, "calibration_samples", None)
+    steps = args.reconstruct
+    if steps < 0:
+        raise ConfigError(f"--reconstruct takes steps per block >= 0, got {steps}")
     if args.calibrate == "off":
-        if args.calibration_samples is not None:
-            raise ConfigError("--calibration-samples goes with --calibrate auto or on")
+        if samples is not None or steps:
+            flag = "--calibration-samples" if samples is not None else "--reconstruct"
+            raise ConfigError(f"{flag} goes with --calibrate auto or on")
         return False
-    if args.calibration_samples is None:
+    if steps:  # reconstruction runs for every method, after fine-tuning if any
+        return Calibrate(samples=Calibrate.samples if samples is None else samples,
+                         reconstruct=Reconstruct(steps=steps, codes="soft"))
+    if samples is None:
         return True if args.calibrate == "on" else "auto"
-    config = Calibrate(samples=args.calibration_samples)
+    config = Calibrate(samples=samples)
     if args.calibrate == "auto" and (not get_method(method).calibrates or args.epochs > 0):
         return False
     return config
@@ -233,6 +250,7 @@ def _add_sweep_parser(sub: Any) -> None:
     s.add_argument("--calibrate", choices=["auto", "on", "off"], default="auto",
                    help="input-aware re-encoding of palette layers on the calibration split "
                         "(auto: when the method supports it and no fine-tuning is asked)")
+    _add_reconstruct_arg(s)
     s.add_argument("--methods", default="all", help="'all' or comma-separated methods")
     s.add_argument("--targets", default="x4,x8,x16",
                    help="comma-separated targets: ratios 'x8', sizes '100KB', bits '3bit'")
@@ -513,6 +531,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from .train import Finetune
 
     names, targets, options = _sweep_plan(args)
+    calibrate = _calibrate(args, names[0])
     _floats(args.mean, "--mean")
     _floats(args.std, "--std")
     _model_args(args)
@@ -532,8 +551,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
                        out_dir=out_dir, metric=args.metric if args.metric != "auto" else metric,
                        finetune=finetune, options=options, describe=describe,
                        compress_kwargs={"min_weights": args.min_weights, "seed": args.seed,
-                                        "calibrate": {"auto": "auto", "on": True,
-                                                      "off": False}[args.calibrate]},
+                                        "calibrate": calibrate},
                        force=args.force)
     print(f"\n{args.model} on {args.data}: {result.metric} of each reloaded .nsk file; "
           f"{'post-training' if finetune is None else f'{args.epochs} epoch(s) fine-tuning'}"

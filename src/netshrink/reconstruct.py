@@ -82,8 +82,8 @@ class Reconstruct:
     final_lr: float = 1e-4
     dense: bool = False
     codes: str = "fixed"
-    round_weight: float = 0.01
-    codes_lr: float = 1e-2
+    round_weight: float = 1.0
+    codes_lr: float = 3e-2
     seed: int = 0
     progress: bool = True
 
@@ -294,7 +294,7 @@ def _reconstruct_stage(stage: _Stage, targets: Tensor, data: _Data, cfg: Reconst
             opt.step()
             sched.step()
             if not bar.disable:
-                bar.set_postfix(loss=f"{float(loss):.3g}", refresh=False)
+                bar.set_postfix(loss=f"{float(loss.detach()):.3g}", refresh=False)
     finally:
         for p in stage.params:
             p.requires_grad_(False)
