@@ -58,7 +58,11 @@ def tokens(tokenizer: Any, text: str) -> torch.Tensor:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--bits", default="4,3")
+    ap.add_argument("--bits", default="4,3",
+                    help="comma-separated bits targets; a fractional one (3.2) lets the "
+                         "allocator give layers different whole widths at that average")
+    ap.add_argument("--calibrated-only", action="store_true",
+                    help="skip the runs without calibration")
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--block", type=int, default=128)
     ap.add_argument("--batch", type=int, default=16)
@@ -95,8 +99,9 @@ def main() -> None:
     print(json.dumps(result, indent=2), flush=True)
     layers = [f"lm.model.layers.{i}.*" for i in range(model.config.num_hidden_layers)]
     rows = []
-    for bits in [int(b) for b in args.bits.split(",")]:
-        for calibrate in (False, True):
+    for bits in [float(b) for b in args.bits.split(",")]:
+        bits = int(bits) if bits.is_integer() else bits
+        for calibrate in ((True,) if args.calibrated_only else (False, True)):
             cfg = netshrink.Calibrate(samples=args.samples, memory_mb=args.memory_mb,
                                       passes=args.passes) if calibrate else False
             start = time.perf_counter()

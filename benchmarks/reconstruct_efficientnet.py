@@ -55,6 +55,7 @@ def main() -> None:
     p.add_argument("--codes", choices=["fixed", "soft"], default="fixed")
     p.add_argument("--round-weight", type=float, default=1.0)
     p.add_argument("--codes-lr", type=float, default=3e-2)
+    p.add_argument("--soft-start", choices=["codes", "weights"], default="codes")
     p.add_argument("--tune", action="store_true",
                    help="calibrate and score on two halves of the calibration photos")
     args = p.parse_args()
@@ -77,7 +78,8 @@ def main() -> None:
     cfg = netshrink.Reconstruct(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                                 memory_mb=args.memory_mb, final_steps=args.final_steps,
                                 final_lr=args.final_lr, codes=args.codes,
-                                round_weight=args.round_weight, codes_lr=args.codes_lr)
+                                round_weight=args.round_weight, codes_lr=args.codes_lr,
+                                soft_start=args.soft_start)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "m.nsk"
         size = netshrink.save(small, path)

@@ -43,6 +43,7 @@ def main() -> None:
     p.add_argument("--codes", choices=["fixed", "soft"], default="soft")
     p.add_argument("--round-weight", type=float, default=1.0)
     p.add_argument("--codes-lr", type=float, default=3e-2)
+    p.add_argument("--soft-start", choices=["codes", "weights"], default="codes")
     p.add_argument("--calibrate", action="store_true",
                    help="input-aware encoding (GPTQ) on the same images before reconstruction")
     p.add_argument("--out", default="reconstruct_resnet20.json")
@@ -57,7 +58,8 @@ def main() -> None:
     rows = []
     cfg = netshrink.Reconstruct(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                                 final_steps=args.final_steps, codes=args.codes,
-                                round_weight=args.round_weight, codes_lr=args.codes_lr)
+                                round_weight=args.round_weight, codes_lr=args.codes_lr,
+                                soft_start=args.soft_start)
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods:
             start = time.perf_counter()

@@ -150,7 +150,7 @@ def test_soft_codes_rechoose_codes_within_the_same_bytes(tmp_path):
     codes = {n: m.codes.clone() for n, m in soft.named_modules()
              if isinstance(m, PalettizedLayer)}
     x = torch.randn(64, 3, 6, 6)
-    steps = dict(steps=60, lr=3e-3, batch_size=16, progress=False)
+    steps = dict(steps=200, lr=3e-3, batch_size=16, progress=False)
     r_fixed = reconstruct(fixed, teacher, x, Reconstruct(**steps))
     r_soft = reconstruct(soft, teacher, x, Reconstruct(codes="soft", **steps))
     _check_report(r_soft)
@@ -182,7 +182,7 @@ def test_soft_codes_start_at_the_original_weight_and_harden_to_bracketing_entrie
     assert isinstance(layer, PalettizedLayer)
     scale = (torch.ones(6) if layer.scale is None else layer.scale.detach()).view(-1, 1, 1, 1)
     u = conv.weight.detach() / scale  # the weights in the codebook's units
-    sc = SoftCodes(layer, conv.weight.detach())
+    sc = SoftCodes(layer, conv.weight.detach(), start="weights")
     book = layer.codebook.detach()[:, 0]
     gap = float(book.sort().values.diff().max())
     inside = (u >= book.min()) & (u <= book.max())
@@ -197,6 +197,20 @@ def test_soft_codes_start_at_the_original_weight_and_harden_to_bracketing_entrie
     assert float((hard - u)[inside].abs().max()) <= gap + 1e-6
     ends = torch.where(u < book.min(), book.min(), book.max())
     assert torch.equal(hard[~inside], ends[~inside])
+    # start="codes": the relaxation starts at the layer's codes (1% towards a neighbour)
+    current = layer.codes.clone()
+    decoded = layer.decode_weight().detach()
+    sc = SoftCodes(layer, conv.weight.detach(), start="codes")
+    assert float((layer.decode_weight().detach() - decoded).abs().max()) <= (
+        0.01 * gap * float(scale.max()) + 1e-6)
+    with torch.no_grad():
+        sc.v.fill_(10.0)  # every h -> 1: each code moves to its neighbour towards w
+    sc.harden()
+    order = book.argsort()
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(book.numel())
+    moved = (rank[layer.codes.long()] - rank[current.long()]).abs()
+    assert int(moved.max()) == 1 and bool((moved == 1).any())
     assert beta_at(0, 100) is None and beta_at(20, 100) == 20.0
     assert abs(beta_at(100, 100) - 2.0) < 1e-9
 
@@ -277,7 +291,7 @@ def test_non_finite_outputs_give_data_error():
 @pytest.mark.parametrize("kwargs", [
     {"steps": -1}, {"lr": 0}, {"lr": float("nan")}, {"batch_size": 0}, {"memory_mb": -1},
     {"blocks": ()}, {"blocks": ("",)}, {"final_steps": 1.5}, {"seed": -1},
-    {"codes": "hard"}, {"round_weight": 0}, {"codes_lr": -1},
+    {"codes": "hard"}, {"round_weight": 0}, {"codes_lr": -1}, {"soft_start": "zero"},
 ])
 def test_config_is_checked_when_built(kwargs):
     with pytest.raises(ConfigError):

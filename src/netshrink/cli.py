@@ -247,10 +247,7 @@ def _add_sweep_parser(sub: Any) -> None:
                         "or path/file.py:factory")
     _add_model_args(s)
     _add_data_args(s)
-    s.add_argument("--calibrate", choices=["auto", "on", "off"], default="auto",
-                   help="input-aware re-encoding of palette layers on the calibration split "
-                        "(auto: when the method supports it and no fine-tuning is asked)")
-    _add_reconstruct_arg(s)
+    _add_calibration_args(s)
     s.add_argument("--methods", default="all", help="'all' or comma-separated methods")
     s.add_argument("--targets", default="x4,x8,x16",
                    help="comma-separated targets: ratios 'x8', sizes '100KB', bits '3bit'")
@@ -531,7 +528,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from .train import Finetune
 
     names, targets, options = _sweep_plan(args)
-    calibrate = _calibrate(args, names[0])
+    calibration = {m: _calibrate(args, m) for m in names}  # "auto" decides per method
     _floats(args.mean, "--mean")
     _floats(args.std, "--std")
     _model_args(args)
@@ -550,8 +547,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     result = run_sweep(model, names, targets, train_data=train, eval_data=test,
                        out_dir=out_dir, metric=args.metric if args.metric != "auto" else metric,
                        finetune=finetune, options=options, describe=describe,
-                       compress_kwargs={"min_weights": args.min_weights, "seed": args.seed,
-                                        "calibrate": calibrate},
+                       calibrate=calibration,
+                       compress_kwargs={"min_weights": args.min_weights, "seed": args.seed},
                        force=args.force)
     print(f"\n{args.model} on {args.data}: {result.metric} of each reloaded .nsk file; "
           f"{'post-training' if finetune is None else f'{args.epochs} epoch(s) fine-tuning'}"

@@ -10,8 +10,8 @@ block at a time, then (optionally) a short end-to-end distillation. Here:
 - only stored parameters whose size and layout are fixed are trained: palette codebooks
   and scales, low-rank factors, per-layer scalars, biases and norm affines (and the dense
   weights of uncompressed layers with `dense=True`); codes stay fixed, or with
-  `codes="soft"` scalar palettes re-choose each code between the two codebook entries
-  around the original weight (AdaRound, as BRECQ does; softcodes.py): either way the
+  `codes="soft"` scalar palettes re-choose each code between two codebook entries
+  (AdaRound, as BRECQ does; softcodes.py): either way the
   codes keep their count and width, so the file has the same bytes count. Shared
   representations (SMH's bank, an `attached` stored module) are left alone. Loss: MSE of
   the block outputs relative to their mean square (plus AdaRound's rounding regulariser
@@ -68,9 +68,10 @@ class Reconstruct:
     (fewer samples otherwise); `blocks` names the blocks (None: found automatically);
     `final_steps` steps of end-to-end distillation at `final_lr` afterwards; `dense=True`
     also trains the dense weights of uncompressed layers. `codes="soft"` also re-chooses
-    the codes of scalar palette layers (AdaRound's relaxed rounding between the two
-    codebook entries around each original weight, softcodes.py), with the regulariser at
-    `round_weight` and the relaxation trained at `codes_lr`; "fixed" keeps the codes.
+    the codes of scalar palette layers (AdaRound's relaxed rounding between two codebook
+    entries, softcodes.py: from the current codes with `soft_start="codes"`, from the
+    original weights with "weights"), with the regulariser at `round_weight` and the
+    relaxation trained at `codes_lr`; "fixed" keeps the codes.
     Checked when built."""
 
     steps: int = 200
@@ -82,6 +83,7 @@ class Reconstruct:
     final_lr: float = 1e-4
     dense: bool = False
     codes: str = "fixed"
+    soft_start: str = "codes"
     round_weight: float = 1.0
     codes_lr: float = 3e-2
     seed: int = 0
@@ -98,6 +100,8 @@ class Reconstruct:
                 f"Reconstruct.seed must be an integer >= 0, got {self.seed!r}")
         require(self.codes in ("fixed", "soft"),
                 f"Reconstruct.codes must be 'fixed' or 'soft', got {self.codes!r}")
+        require(self.soft_start in ("codes", "weights"),
+                f"Reconstruct.soft_start must be 'codes' or 'weights', got {self.soft_start!r}")
         for name in ("lr", "final_lr", "memory_mb", "round_weight", "codes_lr"):
             value = getattr(self, name)
             require(is_number(value) and value > 0 and math.isfinite(value),
@@ -266,7 +270,7 @@ def _reconstruct_stage(stage: _Stage, targets: Tensor, data: _Data, cfg: Reconst
         _log(record)
         return record
     saved = [p.detach().clone() for p in stage.params]
-    soft = [SoftCodes(layer, original) for layer, original in stage.relax] \
+    soft = [SoftCodes(layer, original, cfg.soft_start) for layer, original in stage.relax] \
         if cfg.codes == "soft" else []
     free = sum(int(sc.free.sum()) for sc in soft)
     ref = max(float(targets.float().pow(2).mean()), 1e-30)

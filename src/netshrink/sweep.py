@@ -228,6 +228,7 @@ def run_sweep(
     finetune: Finetune | None = None,
     options: Mapping[str, Mapping[str, Any]] | None = None,
     compress_kwargs: Mapping[str, Any] | None = None,
+    calibrate: Any = "auto",
     describe: Mapping[str, Any] | None = None,
     force: bool = False,
     progress: bool = True,
@@ -240,11 +241,13 @@ def run_sweep(
     labels ignored; KL recorded too) or "auto" (accuracy when eval_data has labels).
     finetune: the same `Finetune` for every cell (None: post-training). options: per-method
     options ({"kmeans": {"per_channel": False}}); compress_kwargs: options for every cell
-    (min_weights, seed, layers, ...). describe: what identifies model and data beyond the
-    hashes (e.g. names, subsets), stored in sweep.json. Methods, targets and options are
-    checked before any work (ConfigError). A re-run into the same out_dir skips finished
-    cells; another configuration raises SweepConfigError unless force=True (which discards
-    the old cells). progress=False also silences the fine-tuning progress bar.
+    (min_weights, seed, layers, ...). calibrate: compress's `calibrate=` for every cell, or
+    a mapping method -> value (methods left out: "auto"). describe: what identifies model
+    and data beyond the hashes (e.g. names, subsets), stored in sweep.json. Methods,
+    targets and options are checked before any work (ConfigError). A re-run into the same
+    out_dir skips finished cells; another configuration raises SweepConfigError unless
+    force=True (which discards the old cells). progress=False also silences the
+    fine-tuning progress bar.
     """
     out = Path(out_dir)
     unknown = set(options or {}) - set(methods)
@@ -252,6 +255,10 @@ def run_sweep(
         raise ConfigError(f"options for methods not swept: {', '.join(sorted(unknown))}")
     options = {m: dict((options or {}).get(m, {})) for m in methods}
     compress_kwargs = dict(compress_kwargs or {})
+    if "calibrate" in compress_kwargs:  # compress_kwargs' own calibrate: the same for all
+        calibrate = compress_kwargs.pop("calibrate")
+    calibration = ({m: calibrate.get(m, "auto") for m in methods}
+                   if isinstance(calibrate, Mapping) else {m: calibrate for m in methods})
     if not methods or not targets:
         raise ConfigError("a sweep needs at least one method and one target")
     for m in methods:
@@ -270,7 +277,8 @@ def run_sweep(
               "eval_data": data_fingerprint(eval_data), "metric": metric,
               "finetune": _jsonable(finetune), "compress": _jsonable(compress_kwargs),
               "describe": _jsonable(dict(describe or {})),
-              "methods": {m: _jsonable(options[m]) for m in methods}}
+              "methods": {m: _jsonable(options[m]) for m in methods},
+              "calibrate": {m: _jsonable(calibration[m]) for m in methods}}
     out.mkdir(parents=True, exist_ok=True)
     _check_config(out, config, force)
 
@@ -314,7 +322,8 @@ def run_sweep(
         logger.info("cell %d/%d %s %s: start", i, len(cells), method, target)
         row = _run_cell(model, method, target, out / "files" / f"{key}.nsk", metric,
                         fp32_bytes, n_weights, measure, train_data, finetune,
-                        {**compress_kwargs, **options[method]})
+                        {**compress_kwargs, "calibrate": calibration[method],
+                         **options[method]})
         rows.append(row)
         if row["status"] == "ok":
             logger.info("cell %d/%d %s %s: done, %d bytes (x%.2f), %s %.4f, %.0f s + %.0f s "
