@@ -150,7 +150,14 @@ def test_calibration_lowers_output_error_and_keeps_the_file_layout(small_net, to
     calibrated = _compress(small_net, toy_loader, Calibrate(samples=64))
     record = calibrated.netshrink_info["calibration"]
     assert record["samples"] == 64 and record["source"] == "data"
-    assert set(record["layers"]) == {"stem", "conv", "dw", "pw", "fc"}
+    # the classifier sees one 48-long vector per sample: 48 fitting samples (a quarter of
+    # the 64 held out) < 4 x 48, so it keeps the plan
+    assert set(record["layers"]) == {"stem", "conv", "dw", "pw"}
+    assert "48 calibration vectors for 48 inputs" in record["not_applicable"]["fc"]
+    assert {e["kept"] for e in record["layers"].values()} <= {"plan", "calibrated"}
+    every = _compress(small_net, toy_loader, Calibrate(samples=64, min_vectors=1))
+    assert set(every.netshrink_info["calibration"]["layers"]) == {
+        "stem", "conv", "dw", "pw", "fc"}
     for errors in record["layers"].values():
         assert errors["after"] <= errors["before"]
     assert record["mean_error_after"] < record["mean_error_before"]
@@ -189,7 +196,7 @@ def test_auto_rules(small_net, toy_loader):
     assert not calibrated(netshrink.compress(small_net, "alds", "x2", data=toy_loader,
                                              min_weights=0))
     dkm = _compress(small_net, toy_loader, "auto", method="dkm")
-    assert calibrated(dkm) and len(dkm.netshrink_info["calibration"]["layers"]) == 5
+    assert calibrated(dkm) and len(dkm.netshrink_info["calibration"]["layers"]) == 4
 
 
 def test_data_free_calibration_on_a_batchnorm_net(small_net):
@@ -240,6 +247,9 @@ def test_bad_calibration_data_fails_before_any_work(small_net, monkeypatch):
             _compress(small_net, data, Calibrate(samples=samples))
     with pytest.raises(ConfigError):
         _compress(small_net, [(good,)], "sometimes")
+    for bad in ({"holdout": 1.0}, {"holdout": -0.1}, {"min_vectors": -1}):
+        with pytest.raises(ConfigError):
+            Calibrate(**bad)
 
 
 def test_memory_bound_limits_the_layers_captured_at_once(monkeypatch):
@@ -250,16 +260,16 @@ def test_memory_bound_limits_the_layers_captured_at_once(monkeypatch):
     import netshrink.calibrate as calibrate_module
     real = calibrate_module.capture
 
-    def counting(model, layers, group, inputs, desc=""):
+    def counting(model, layers, group, inputs, desc="", counts=None):
         seen.append(len(group))
-        return real(model, layers, group, inputs, desc)
+        return real(model, layers, group, inputs, desc, counts)
     monkeypatch.setattr(calibrate_module, "capture", counting)
     h_mb = 8 * 32 * 32 / 2**20
-    out = _compress(net, data, Calibrate(samples=16, memory_mb=2.5 * h_mb))
+    out = _compress(net, data, Calibrate(samples=16, memory_mb=2.5 * h_mb, holdout=0))
     assert seen == [2, 2, 2]
     assert out.netshrink_info["calibration"]["max_layers_at_once"] == 2
     seen.clear()
-    _compress(net, data, Calibrate(samples=16, max_layers=1))
+    _compress(net, data, Calibrate(samples=16, max_layers=1, holdout=0))
     assert seen == [1] * 6
     probes = trial(out, dict(out.named_children()), data[0][0][:1])
     assert [len(g) for g in plan_groups(list(probes.values()), 1e-9, None)] == [1] * 6
@@ -284,3 +294,20 @@ def test_calibration_followed_by_block_reconstruction(small_net, toy_loader):
         assert F.mse_loss(both(x), ref) <= F.mse_loss(gptq(x), ref) * 1.05
     with pytest.raises(netshrink.ConfigError, match="reconstruct"):
         Calibrate(reconstruct=True)
+
+
+def test_held_out_samples_keep_the_plan_when_the_fit_does_not_carry_over():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(32, 16))
+    basis = torch.randn(4, 32)
+    fitting = torch.randn(120, 4) @ basis  # the fitting samples span 4 of 32 directions
+    held = torch.randn(40, 32)  # the held-out ones span them all
+    data = [(torch.cat([fitting, held]),)]
+    overfit = _compress(net, data, Calibrate(samples=160, min_vectors=1, holdout=0))
+    chosen = _compress(net, data, Calibrate(samples=160, min_vectors=1, holdout=0.25))
+    plain = _compress(net, data, False)
+    assert overfit.netshrink_info["calibration"]["layers"]["0"]["kept"] == "calibrated"
+    record = chosen.netshrink_info["calibration"]["layers"]["0"]
+    assert record["kept"] == "plan" and record["after"] == record["before"]
+    assert torch.equal(chosen[0].codes, plain[0].codes)
+    assert not torch.equal(overfit[0].codes, plain[0].codes)

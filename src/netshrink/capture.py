@@ -166,6 +166,23 @@ def gram(call: OpCall) -> torch.Tensor:
     return out
 
 
+def vectors(call: OpCall) -> int:
+    """How many input vectors x the call's weight multiplies (rows for a linear layer,
+    batch x output positions for a conv): the samples behind one call's H."""
+    x = call.x
+    if call.kind == "linear":
+        return x.numel() // max(1, x.shape[-1])
+    if isinstance(call.padding, str):
+        if call.padding == "same":
+            return x.shape[0] * math.prod(x.shape[2:])
+        pad: Sequence[int] = (0, 0)
+    else:
+        pad = call.padding
+    out = [(size + 2 * p - d * (k - 1) - 1) // s + 1 for size, p, d, k, s in zip(
+        x.shape[2:], pad, call.dilation, call.kernel, call.stride)]
+    return x.shape[0] * math.prod(max(0, o) for o in out)
+
+
 @dataclass
 class Probe:
     """A layer seen in the trial pass: its place in the run order, calls per forward,
@@ -239,11 +256,15 @@ def plan_groups(probes: Sequence[Probe], memory_mb: float, max_layers: int | Non
 
 
 def capture(model: nn.Module, layers: dict[str, CompressedLayer], group: Sequence[Probe],
-            inputs: Sequence[torch.Tensor], desc: str = "capture") -> dict[str, torch.Tensor]:
+            inputs: Sequence[torch.Tensor], desc: str = "capture",
+            counts: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
     """H (G, n, n) float64 of each layer of `group`, summed over `inputs` (batches) run
-    through `model` (no gradients; the caller sets eval mode)."""
+    through `model` (no gradients; the caller sets eval mode). `counts`, when given,
+    receives the number of input vectors behind each H (`vectors`)."""
     hs = {p.name: torch.zeros(p.groups, p.columns, p.columns, dtype=torch.float64,
                               device=layers[p.name]._dtype_ref.device) for p in group}
+    if counts is not None:
+        counts.update({p.name: 0 for p in group})
     handles = []
     early = all(p.calls == 1 for p in group)
     shared: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -268,6 +289,8 @@ def capture(model: nn.Module, layers: dict[str, CompressedLayer], group: Sequenc
                 raise DataError(f"non-finite activations at the input of {name!r} on the "
                                 "calibration data")
             hs[name] += h
+            if counts is not None:
+                counts[name] += vectors(call)
             if early and name == last:
                 raise _Stop
         return pre
