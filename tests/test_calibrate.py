@@ -150,10 +150,9 @@ def test_calibration_lowers_output_error_and_keeps_the_file_layout(small_net, to
     calibrated = _compress(small_net, toy_loader, Calibrate(samples=64))
     record = calibrated.netshrink_info["calibration"]
     assert record["samples"] == 64 and record["source"] == "data"
-    # the classifier sees one 48-long vector per sample: 48 fitting samples (a quarter of
-    # the 64 held out) < 4 x 48, so it keeps the plan
+    # the classifier sees one 48-long vector per sample: 64 < 4 x 48, so it keeps the plan
     assert set(record["layers"]) == {"stem", "conv", "dw", "pw"}
-    assert "48 calibration vectors for 48 inputs" in record["not_applicable"]["fc"]
+    assert "64 calibration vectors for 48 inputs" in record["not_applicable"]["fc"]
     assert {e["kept"] for e in record["layers"].values()} <= {"plan", "calibrated"}
     every = _compress(small_net, toy_loader, Calibrate(samples=64, min_vectors=1))
     assert set(every.netshrink_info["calibration"]["layers"]) == {
@@ -247,7 +246,7 @@ def test_bad_calibration_data_fails_before_any_work(small_net, monkeypatch):
             _compress(small_net, data, Calibrate(samples=samples))
     with pytest.raises(ConfigError):
         _compress(small_net, [(good,)], "sometimes")
-    for bad in ({"holdout": 1.0}, {"holdout": -0.1}, {"min_vectors": -1}):
+    for bad in ({"holdout": 1.0}, {"holdout": -0.1}, {"min_vectors": -1}, {"max_bits": 0}):
         with pytest.raises(ConfigError):
             Calibrate(**bad)
 
@@ -311,3 +310,14 @@ def test_held_out_samples_keep_the_plan_when_the_fit_does_not_carry_over():
     assert record["kept"] == "plan" and record["after"] == record["before"]
     assert torch.equal(chosen[0].codes, plain[0].codes)
     assert not torch.equal(overfit[0].codes, plain[0].codes)
+
+
+def test_wide_codes_keep_the_plan_unless_max_bits_allows_them(small_net, toy_loader):
+    wide = netshrink.compress(small_net, "kmeans", "6bit", data=toy_loader, min_weights=0,
+                              calibrate=Calibrate(samples=64))
+    record = wide.netshrink_info["calibration"]
+    assert record["layers"] == {}
+    assert "6-bit codes, above max_bits=4" in record["not_applicable"]["conv"]
+    allowed = netshrink.compress(small_net, "kmeans", "6bit", data=toy_loader, min_weights=0,
+                                 calibrate=Calibrate(samples=64, max_bits=6))
+    assert "conv" in allowed.netshrink_info["calibration"]["layers"]

@@ -92,7 +92,8 @@ class Calibrate:
     input_shape: tuple[int, ...] | None = None
     synthetic_iters: int = 500
     min_vectors: float = 4.0
-    holdout: float = 0.25
+    holdout: float = 0.0
+    max_bits: int = 4
     reconstruct: Reconstruct | None = None
 
     def __post_init__(self) -> None:
@@ -114,6 +115,9 @@ class Calibrate:
                               f"got {type(self.reconstruct).__name__}")
         if not (isinstance(self.holdout, (int, float)) and 0 <= self.holdout < 1):
             raise ConfigError(f"Calibrate.holdout must be in [0, 1), got {self.holdout!r}")
+        if not (whole(self.max_bits) and self.max_bits >= 1):
+            raise ConfigError(f"Calibrate.max_bits must be an integer >= 1, got "
+                              f"{self.max_bits!r}")
         if not (isinstance(self.min_vectors, (int, float)) and self.min_vectors >= 0):
             raise ConfigError(f"Calibrate.min_vectors must be >= 0, got {self.min_vectors!r}")
         if not (whole(self.synthetic_iters) and self.synthetic_iters >= 0):
@@ -274,11 +278,11 @@ def prepare(model: nn.Module, data: Any, calibrate: Any, calibrates: bool,
     return Stage(cfg, inputs, source, time.perf_counter() - start)
 
 
-def _scalar_palettes(model: nn.Module, names: Iterable[str], finetuning: bool
-                     ) -> tuple[dict[str, PalettizedLayer], dict[str, str]]:
-    """The layers the stage re-encodes (scalar palettes), and why the others are not:
-    layers of a train-time kind with `snapped()` (DKM) are snapped first when no
-    fine-tuning follows."""
+def _scalar_palettes(model: nn.Module, names: Iterable[str], finetuning: bool,
+                     max_bits: int) -> tuple[dict[str, PalettizedLayer], dict[str, str]]:
+    """The layers the stage re-encodes (scalar palettes of at most `max_bits`-bit codes),
+    and why the others are not: layers of a train-time kind with `snapped()` (DKM) are
+    snapped first when no fine-tuning follows."""
     layers = dict(compressed_layers(model))
     chosen: dict[str, PalettizedLayer] = {}
     skipped: dict[str, str] = {}
@@ -289,6 +293,10 @@ def _scalar_palettes(model: nn.Module, names: Iterable[str], finetuning: bool
             continue
         if layer.codebook.shape[1] != 1:
             skipped[name] = "not applicable: vector palette (d > 1)"
+            continue
+        if layer.bits > max_bits:
+            skipped[name] = (f"kept: {layer.bits}-bit codes, above max_bits={max_bits} (the "
+                             "plan's palette is near-lossless there)")
             continue
         if type(layer) is not PalettizedLayer:
             if finetuning or not hasattr(layer, "snapped"):
@@ -306,7 +314,7 @@ def run(model: nn.Module, originals: dict[str, torch.Tensor], stage: Stage,
     re-encode each; returns the record (module docstring)."""
     cfg = stage.config
     start = time.perf_counter()
-    layers, skipped = _scalar_palettes(model, originals, finetuning)
+    layers, skipped = _scalar_palettes(model, originals, finetuning, cfg.max_bits)
     device = model_device(model)
     inputs = [x.to(device) for x in stage.inputs]
     errors: dict[str, dict[str, float]] = {}
@@ -362,7 +370,7 @@ def run(model: nn.Module, originals: dict[str, torch.Tensor], stage: Stage,
         "max_layers_at_once": max((len(g) for g in groups), default=0),
         "config": {k: getattr(cfg, k) for k in ("memory_mb", "max_layers", "damp", "passes",
                                                 "refit", "weighted_init", "act_order",
-                                                "min_vectors", "holdout")},
+                                                "min_vectors", "holdout", "max_bits")},
         "layers": errors,
         "not_applicable": skipped,
         "mean_error_before": sum(before) / len(before) if before else None,

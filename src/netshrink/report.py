@@ -156,7 +156,7 @@ def calibration_line(record: dict[str, Any]) -> str:
         line += (f", mean relative output error {record['mean_error_before']:.4g} -> "
                  f"{record['mean_error_after']:.4g}")
     if record.get("not_applicable"):
-        line += f", {len(record['not_applicable'])} not applicable"
+        line += f", {len(record['not_applicable'])} left as planned"
     rec = record.get("reconstruct")
     if rec:
         line += (f"; block reconstruction: {len(rec['blocks'])} blocks, {rec['steps']} steps "
