@@ -36,6 +36,7 @@ from netshrink_lab.data import (
     random_photo_views,
 )
 from netshrink_lab.pretrained import efficientnet_lite0
+from netshrink_lab.reconstruct_args import add_reconstruct_args, reconstruct_config
 
 
 def main() -> None:
@@ -43,19 +44,10 @@ def main() -> None:
     p.add_argument("--method", default="kmeans")
     p.add_argument("--target", default="x8", help="a target, or keep=0.5 for alds")
     p.add_argument("--samples", type=int, default=512)
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--final-steps", type=int, default=0)
-    p.add_argument("--final-lr", type=float, default=1e-4)
-    p.add_argument("--memory-mb", type=float, default=3072)
+    add_reconstruct_args(p, steps=100, batch_size=32, codes="fixed")
     p.add_argument("--gptq-samples", type=int, default=0,
                    help="first calibrate (compress's calibrate=) on this many of the "
                         "calibration views (0: post-training k-means only)")
-    p.add_argument("--codes", choices=["fixed", "soft"], default="fixed")
-    p.add_argument("--round-weight", type=float, default=1.0)
-    p.add_argument("--codes-lr", type=float, default=3e-2)
-    p.add_argument("--soft-start", choices=["codes", "weights"], default="codes")
     p.add_argument("--tune", action="store_true",
                    help="calibrate and score on two halves of the calibration photos")
     args = p.parse_args()
@@ -75,11 +67,7 @@ def main() -> None:
                                calibrate=netshrink.Calibrate(samples=args.gptq_samples)
                                if gptq else False, **options)
     compress_s = time.perf_counter() - start
-    cfg = netshrink.Reconstruct(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                                memory_mb=args.memory_mb, final_steps=args.final_steps,
-                                final_lr=args.final_lr, codes=args.codes,
-                                round_weight=args.round_weight, codes_lr=args.codes_lr,
-                                soft_start=args.soft_start)
+    cfg = reconstruct_config(args)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "m.nsk"
         size = netshrink.save(small, path)

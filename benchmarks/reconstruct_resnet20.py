@@ -29,6 +29,7 @@ import netshrink
 from netshrink.train import evaluate
 from netshrink_lab import zoo
 from netshrink_lab.data import get_dataset, get_loaders
+from netshrink_lab.reconstruct_args import add_reconstruct_args, reconstruct_config
 
 
 def main() -> None:
@@ -36,14 +37,7 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=["kmeans", "dkm"])
     p.add_argument("--target", default="2bit")
     p.add_argument("--samples", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--final-steps", type=int, default=0)
-    p.add_argument("--codes", choices=["fixed", "soft"], default="soft")
-    p.add_argument("--round-weight", type=float, default=1.0)
-    p.add_argument("--codes-lr", type=float, default=3e-2)
-    p.add_argument("--soft-start", choices=["codes", "weights"], default="codes")
+    add_reconstruct_args(p, steps=200, batch_size=32, codes="soft")
     p.add_argument("--calibrate", action="store_true",
                    help="input-aware encoding (GPTQ) on the same images before reconstruction")
     p.add_argument("--out", default="reconstruct_resnet20.json")
@@ -56,10 +50,7 @@ def main() -> None:
     images = train.tensors[0][pick[:args.samples]]  # the images only: no labels
     fp32 = evaluate(model, test)
     rows = []
-    cfg = netshrink.Reconstruct(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                                final_steps=args.final_steps, codes=args.codes,
-                                round_weight=args.round_weight, codes_lr=args.codes_lr,
-                                soft_start=args.soft_start)
+    cfg = reconstruct_config(args)
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods:
             start = time.perf_counter()
