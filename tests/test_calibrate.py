@@ -150,13 +150,13 @@ def test_calibration_lowers_output_error_and_keeps_the_file_layout(small_net, to
     calibrated = _compress(small_net, toy_loader, Calibrate(samples=64))
     record = calibrated.netshrink_info["calibration"]
     assert record["samples"] == 64 and record["source"] == "data"
-    # the classifier sees one 48-long vector per sample: 64 < 4 x 48, so it keeps the plan
-    assert set(record["layers"]) == {"stem", "conv", "dw", "pw"}
-    assert "64 calibration vectors for 48 inputs" in record["not_applicable"]["fc"]
+    assert set(record["layers"]) == {"stem", "conv", "dw", "pw", "fc"}
     assert {e["kept"] for e in record["layers"].values()} <= {"plan", "calibrated"}
-    every = _compress(small_net, toy_loader, Calibrate(samples=64, min_vectors=1))
-    assert set(every.netshrink_info["calibration"]["layers"]) == {
-        "stem", "conv", "dw", "pw", "fc"}
+    # min_vectors=4: the classifier sees one 48-long vector per sample, 64 < 4 x 48
+    fewer = _compress(small_net, toy_loader, Calibrate(samples=64, min_vectors=4))
+    assert set(fewer.netshrink_info["calibration"]["layers"]) == {"stem", "conv", "dw", "pw"}
+    assert "64 calibration vectors for 48 inputs" in (
+        fewer.netshrink_info["calibration"]["not_applicable"]["fc"])
     for errors in record["layers"].values():
         assert errors["after"] <= errors["before"]
     assert record["mean_error_after"] < record["mean_error_before"]
@@ -195,7 +195,7 @@ def test_auto_rules(small_net, toy_loader):
     assert not calibrated(netshrink.compress(small_net, "alds", "x2", data=toy_loader,
                                              min_weights=0))
     dkm = _compress(small_net, toy_loader, "auto", method="dkm")
-    assert calibrated(dkm) and len(dkm.netshrink_info["calibration"]["layers"]) == 4
+    assert calibrated(dkm) and len(dkm.netshrink_info["calibration"]["layers"]) == 5
 
 
 def test_data_free_calibration_on_a_batchnorm_net(small_net):
@@ -312,12 +312,15 @@ def test_held_out_samples_keep_the_plan_when_the_fit_does_not_carry_over():
     assert not torch.equal(overfit[0].codes, plain[0].codes)
 
 
-def test_wide_codes_keep_the_plan_unless_max_bits_allows_them(small_net, toy_loader):
-    wide = netshrink.compress(small_net, "kmeans", "6bit", data=toy_loader, min_weights=0,
-                              calibrate=Calibrate(samples=64))
-    record = wide.netshrink_info["calibration"]
-    assert record["layers"] == {}
-    assert "6-bit codes, above max_bits=4" in record["not_applicable"]["conv"]
-    allowed = netshrink.compress(small_net, "kmeans", "6bit", data=toy_loader, min_weights=0,
-                                 calibrate=Calibrate(samples=64, max_bits=6))
-    assert "conv" in allowed.netshrink_info["calibration"]["layers"]
+def test_wide_codes_keep_the_plan_with_max_bits_and_under_auto(small_net, toy_loader):
+    def record(calibrate):
+        small = netshrink.compress(small_net, "kmeans", "6bit", data=toy_loader,
+                                   min_weights=0, calibrate=calibrate)
+        return small.netshrink_info["calibration"]
+    limited = record(Calibrate(samples=64, max_bits=4))
+    assert limited["layers"] == {}
+    assert "6-bit codes, above max_bits=4" in limited["not_applicable"]["conv"]
+    assert "conv" in record(Calibrate(samples=64))["layers"]  # explicit: every width
+    auto = record("auto")  # near-lossless plans (> 4.5 bits per weight) are left alone
+    assert auto["layers"] == {} and "6.00 here" in auto["not_applicable"]["conv"]
+    assert record(Calibrate(samples=64, max_bits=6))["layers"]

@@ -54,6 +54,12 @@ from .train.distributed import is_distributed
 
 logger = logging.getLogger(__name__)
 
+AUTO_MAX_MEAN_BITS = 4.5
+"""calibrate="auto" leaves a plan alone whose palette layers average more code bits than
+this: near-lossless already (EfficientNet-Lite0 at x4, 5-8-bit codes: re-encoding on 64
+photo views took the KL to the original on other photos from 0.005 to 0.067), while at
+4 bits and below re-encoding helped on every model measured (BENCHMARKS.md)."""
+
 RECORD_KEY = "calibration"
 """The `netshrink_info` key of the calibration record (not saved in files)."""
 
@@ -71,13 +77,12 @@ class Calibrate:
     code columns by decreasing H_jj; input_shape: (C, H, W) of one input, needed only for
     data-free calibration; synthetic_iters: ZeroQ steps per synthetic batch; min_vectors:
     a layer is re-encoded only when its H sums at least this many input vectors per input
-    (column): with fewer (a classifier after global pooling sees one vector per sample), H
-    is rank-deficient and GPTQ would fit the calibration samples, not the layer; holdout:
-    the fraction of the samples kept out of the fit to choose, per layer, between the new
-    encoding and the plan's (measured on EfficientNet-Lite0 at x4, where encodings fitted
-    on 128 views were better on them and worse on other photos; 0: no held-out choice);
-    reconstruct:
-    a `Reconstruct` to follow with block-wise reconstruction (reconstruct.py) on the same
+    (a classifier after global pooling sees one per sample, so its H is rank-deficient
+    with few samples); holdout: the fraction of the samples kept out of the fit to choose,
+    per layer, between the new encoding and the plan's; max_bits: layers with wider codes
+    keep the plan. These three are off by default: on EfficientNet-Lite0 at x8 each made
+    the KL to the original on other photos worse (BENCHMARKS.md); reconstruct: a
+    `Reconstruct` to follow with block-wise reconstruction (reconstruct.py) on the same
     inputs, after fine-tuning if any (None: no reconstruction).
     """
 
@@ -91,9 +96,9 @@ class Calibrate:
     act_order: bool = True
     input_shape: tuple[int, ...] | None = None
     synthetic_iters: int = 500
-    min_vectors: float = 4.0
+    min_vectors: float = 0.0
     holdout: float = 0.0
-    max_bits: int = 4
+    max_bits: int | None = None
     reconstruct: Reconstruct | None = None
 
     def __post_init__(self) -> None:
@@ -115,8 +120,8 @@ class Calibrate:
                               f"got {type(self.reconstruct).__name__}")
         if not (isinstance(self.holdout, (int, float)) and 0 <= self.holdout < 1):
             raise ConfigError(f"Calibrate.holdout must be in [0, 1), got {self.holdout!r}")
-        if not (whole(self.max_bits) and self.max_bits >= 1):
-            raise ConfigError(f"Calibrate.max_bits must be an integer >= 1, got "
+        if self.max_bits is not None and not (whole(self.max_bits) and self.max_bits >= 1):
+            raise ConfigError(f"Calibrate.max_bits must be None or an integer >= 1, got "
                               f"{self.max_bits!r}")
         if not (isinstance(self.min_vectors, (int, float)) and self.min_vectors >= 0):
             raise ConfigError(f"Calibrate.min_vectors must be >= 0, got {self.min_vectors!r}")
@@ -242,6 +247,7 @@ class Stage:
     inputs: list[torch.Tensor]
     source: str
     seconds: float
+    auto: bool = False
 
     def run(self, model: nn.Module, originals: dict[str, torch.Tensor],
             finetuning: bool) -> dict[str, Any]:
@@ -275,11 +281,13 @@ def prepare(model: nn.Module, data: Any, calibrate: Any, calibrates: bool,
     else:  # "auto" calibrates on what the data holds when it holds fewer samples
         auto = isinstance(calibrate, str)
         inputs, source = calibration_inputs(data, cfg.samples, model, fewer=auto), "data"
-    return Stage(cfg, inputs, source, time.perf_counter() - start)
+    return Stage(cfg, inputs, source, time.perf_counter() - start,
+                 auto=isinstance(calibrate, str))
 
 
 def _scalar_palettes(model: nn.Module, names: Iterable[str], finetuning: bool,
-                     max_bits: int) -> tuple[dict[str, PalettizedLayer], dict[str, str]]:
+                     max_bits: int | None
+                     ) -> tuple[dict[str, PalettizedLayer], dict[str, str]]:
     """The layers the stage re-encodes (scalar palettes of at most `max_bits`-bit codes),
     and why the others are not: layers of a train-time kind with `snapped()` (DKM) are
     snapped first when no fine-tuning follows."""
@@ -294,7 +302,7 @@ def _scalar_palettes(model: nn.Module, names: Iterable[str], finetuning: bool,
         if layer.codebook.shape[1] != 1:
             skipped[name] = "not applicable: vector palette (d > 1)"
             continue
-        if layer.bits > max_bits:
+        if max_bits is not None and layer.bits > max_bits:
             skipped[name] = (f"kept: {layer.bits}-bit codes, above max_bits={max_bits} (the "
                              "plan's palette is near-lossless there)")
             continue
@@ -308,6 +316,12 @@ def _scalar_palettes(model: nn.Module, names: Iterable[str], finetuning: bool,
     return chosen, skipped
 
 
+def _mean_bits(layers: dict[str, PalettizedLayer]) -> float:
+    """Code bits per weight of the palette layers together (0 without any)."""
+    weights = sum(layer.codes.numel() for layer in layers.values())
+    return sum(layer.bits * layer.codes.numel() for layer in layers.values()) / max(1, weights)
+
+
 def run(model: nn.Module, originals: dict[str, torch.Tensor], stage: Stage,
         finetuning: bool) -> dict[str, Any]:
     """The stage on `model` (compressed in place): capture groups of layers in run order,
@@ -315,6 +329,12 @@ def run(model: nn.Module, originals: dict[str, torch.Tensor], stage: Stage,
     cfg = stage.config
     start = time.perf_counter()
     layers, skipped = _scalar_palettes(model, originals, finetuning, cfg.max_bits)
+    mean_bits = _mean_bits(layers)
+    if stage.auto and mean_bits > AUTO_MAX_MEAN_BITS:
+        skipped.update({name: f"kept: calibrate='auto' leaves plans of more than "
+                              f"{AUTO_MAX_MEAN_BITS:g} bits per weight alone "
+                              f"({mean_bits:.2f} here)" for name in layers})
+        layers = {}
     device = model_device(model)
     inputs = [x.to(device) for x in stage.inputs]
     errors: dict[str, dict[str, float]] = {}
