@@ -50,6 +50,10 @@ def main() -> None:
     ap.add_argument("--max-layers", type=int, default=8,
                     help="layers captured at once (GPTQ's sequential capture)")
     ap.add_argument("--passes", type=int, default=2)
+    ap.add_argument("--max-bits", type=int, default=None,
+                    help="Calibrate(max_bits=): wider layers keep the plan (default: none)")
+    ap.add_argument("--min-vectors", type=float, default=0.0,
+                    help="Calibrate(min_vectors=): input vectors per input a layer needs")
     ap.add_argument("--synthetic-samples", type=int, default=128)
     ap.add_argument("--synthetic-iters", type=int, default=50)
     ap.add_argument("--no-synthetic", action="store_true")
@@ -66,12 +70,15 @@ def main() -> None:
         ("without calibration", None, False),
         (f"calibrated on {args.samples} photo views", calib,
          netshrink.Calibrate(samples=args.samples, max_layers=args.max_layers,
-                             passes=args.passes)),
+                             passes=args.passes, max_bits=args.max_bits,
+                             min_vectors=args.min_vectors)),
     ]
     if not args.no_synthetic:
         settings.append((f"data-free ({args.synthetic_samples} synthetic BN inputs)", None,
                          netshrink.Calibrate(samples=args.synthetic_samples,
                                              max_layers=args.max_layers, passes=args.passes,
+                                             max_bits=args.max_bits,
+                                             min_vectors=args.min_vectors,
                                              input_shape=(3, 224, 224),
                                              synthetic_iters=args.synthetic_iters)))
     rows: list[dict[str, Any]] = []

@@ -92,11 +92,12 @@ def compress(
     `IncompleteCompressionError` instead. A NaN or infinite value in any tensor of the
     model raises `NonFiniteError` (naming the tensors) before any work.
 
-    calibrate: "auto" (default: when data is given, the method supports it and no
-    fine-tuning is asked), True / a `netshrink.Calibrate` (always; without data, from
-    inputs synthesised from BatchNorm statistics), False / None (never): re-encode the
-    palette layers after apply to minimise their output error on a few of data's inputs,
-    same stored bits (calibrate.py). Bad calibration data raises DataError before any work.
+    calibrate: "auto" (default: when data is given, the method supports it, no
+    fine-tuning is asked and the plan averages at most 4.5 code bits per weight), True /
+    a `netshrink.Calibrate` (always; without data, from inputs synthesised from BatchNorm
+    statistics), False / None (never): re-encode the palette layers after apply to
+    minimise their output error on a few of data's inputs, same stored bits
+    (calibrate.py). Bad calibration data raises DataError before any work.
 
     Steps (methods/__init__.py): survey and plan (repeated with the measured header until
     the file fits), prepare, apply once, fine-tune, finalize.

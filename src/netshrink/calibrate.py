@@ -139,7 +139,8 @@ def resolve(calibrate: Any, data: Any, model: nn.Module, calibrates: bool,
     """The options of this call's stage, or None for no calibration.
 
     "auto": calibrate when data is given, the method supports it and no fine-tuning is
-    asked (on up to `Calibrate().samples` samples: fewer when the data holds fewer);
+    asked, on up to `Calibrate().samples` samples (fewer when the data holds fewer), and
+    (checked in `run`) when the plan averages at most AUTO_MAX_MEAN_BITS code bits;
     False / None: never; True or a `Calibrate`: always (without data only on a model with
     BatchNorm2d, from synthetic inputs; ConfigError otherwise)."""
     if calibrate is None or calibrate is False:
