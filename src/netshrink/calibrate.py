@@ -71,7 +71,10 @@ class Calibrate:
     samples: calibration samples (rows of the inputs' first axis: images, token
     sequences); memory_mb: bound on the H matrices held at once (8 n^2 bytes per group of
     a layer with rows of n weights); max_layers: at most this many layers captured at once
-    (None: only memory_mb bounds it; 1: layer by layer); damp: GPTQ's dampening, a
+    (None: only memory_mb bounds it; 1: layer by layer; smaller groups see more of the
+    earlier groups' re-encoding: on EfficientNet-Lite0 at x8 the KL to the original fell
+    from 0.324 with memory-bound groups to 0.167 with 8 layers and 0.159 layer by layer,
+    at 1x, 2x and 8x the time); damp: GPTQ's dampening, a
     fraction of H's mean diagonal; passes: GPTQ + refit rounds; refit: least-squares
     codebook and scale refit; weighted_init: H-weighted k-means before GPTQ; act_order:
     code columns by decreasing H_jj; input_shape: (C, H, W) of one input, needed only for
@@ -88,7 +91,7 @@ class Calibrate:
 
     samples: int = 128
     memory_mb: float = 512.0
-    max_layers: int | None = None
+    max_layers: int | None = 8
     damp: float = 0.01
     passes: int = 2
     refit: bool = True
