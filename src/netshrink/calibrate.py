@@ -12,11 +12,11 @@ plan's codebook size, dtype and per-channel scale, so the stored bits do not cha
    started from the plan's codebook;
 2. GPTQ codes for that codebook (error feedback through the Cholesky of H^-1);
 3. least-squares refit of the codebook, then of the scales, given the codes;
-   steps 2-3 repeat `passes` times. The encoding with the lowest output error is then
-   compared with the plan's own on held-out calibration samples (`holdout`, a quarter by
-   default) and kept only if it is better there too, so the stage does not trade the
-   layer's error on new inputs for a fit to the calibration ones. Layers whose H sums too
-   few input vectors (`min_vectors`) keep the plan's encoding.
+   steps 2-3 repeat `passes` times. The encoding with the lowest output error, the
+   plan's own included, is kept; with `holdout` > 0 that choice is made on held-out
+   calibration samples instead. Opt-in guards (`min_vectors`, `max_bits`) leave some
+   layers with the plan's encoding; `calibrate="auto"` leaves plans above
+   AUTO_MAX_MEAN_BITS code bits per weight alone.
 
 Layers are captured in groups bounded by `memory_mb`, in the order the model runs them,
 each group from the model whose earlier groups are already re-encoded (GPTQ's sequential
@@ -274,6 +274,7 @@ def prepare(model: nn.Module, data: Any, calibrate: Any, calibrates: bool,
     cfg = resolve(calibrate, data, model, calibrates, finetuning)
     if cfg is None:
         return None
+    auto = isinstance(calibrate, str)
     start = time.perf_counter()
     if data is None:
         shape = tuple(cfg.input_shape or ())
@@ -283,10 +284,8 @@ def prepare(model: nn.Module, data: Any, calibrate: Any, calibrates: bool,
         inputs, source = list(x.split(32)), "synthetic"
         check_inputs(model, inputs[0])
     else:  # "auto" calibrates on what the data holds when it holds fewer samples
-        auto = isinstance(calibrate, str)
         inputs, source = calibration_inputs(data, cfg.samples, model, fewer=auto), "data"
-    return Stage(cfg, inputs, source, time.perf_counter() - start,
-                 auto=isinstance(calibrate, str))
+    return Stage(cfg, inputs, source, time.perf_counter() - start, auto=auto)
 
 
 def _scalar_palettes(model: nn.Module, names: Iterable[str], finetuning: bool,

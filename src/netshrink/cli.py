@@ -87,10 +87,6 @@ def _add_calibration_args(p: argparse.ArgumentParser) -> None:
                         "(auto: when the method supports it and no fine-tuning is asked)")
     p.add_argument("--calibration-samples", type=int, metavar="N",
                    help="calibration samples (default 128)")
-    _add_reconstruct_arg(p)
-
-
-def _add_reconstruct_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reconstruct", type=int, default=0, metavar="STEPS",
                    help="block-wise reconstruction (BRECQ, soft codes) on the calibration "
                         "samples after compressing, STEPS Adam steps per block, for every "
@@ -105,8 +101,7 @@ def _calibrate(args: argparse.Namespace, method: str) -> Any:
     from .methods import get_method
     from .reconstruct import Reconstruct
 
-    samples = getattr(args, "calibration_samples", None)
-    steps = args.reconstruct
+    samples, steps = args.calibration_samples, args.reconstruct
     if steps < 0:
         raise ConfigError(f"--reconstruct takes steps per block >= 0, got {steps}")
     if args.calibrate == "off":

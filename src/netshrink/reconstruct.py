@@ -11,8 +11,8 @@ block at a time, then (optionally) a short end-to-end distillation. Here:
   and scales, low-rank factors, per-layer scalars, biases and norm affines (and the dense
   weights of uncompressed layers with `dense=True`); codes stay fixed, or with
   `codes="soft"` scalar palettes re-choose each code between two codebook entries
-  (AdaRound, as BRECQ does; softcodes.py): either way the
-  codes keep their count and width, so the file has the same bytes count. Shared
+  (AdaRound, as BRECQ does; softcodes.py): either way the codes keep their count and
+  width, so the file has the same bytes count. Shared
   representations (SMH's bank, an `attached` stored module) are left alone. Loss: MSE of
   the block outputs relative to their mean square (plus AdaRound's rounding regulariser
   with soft codes), Adam with a cosine-decayed rate;
