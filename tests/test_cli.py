@@ -106,7 +106,9 @@ def test_bring_your_own_model_readme_flow(photos, tmp_path, capsys, monkeypatch)
     assert main(["inspect", "r18.nsk"]) == 0
 
 
-def test_eval_of_a_file_factory_model_names_the_fix(tmp_path, capsys):
+def _file_model_and_npz(tmp_path: Path, rows: int, labels: bool) -> None:
+    """tmp_path/net.py:net (a small MLP on 3x4x4 inputs) and tmp_path/d.npz with `rows`
+    random inputs x (seed 0) and, with `labels`, classes y in 0..2."""
     import numpy as np
 
     (tmp_path / "net.py").write_text(
@@ -114,8 +116,14 @@ def test_eval_of_a_file_factory_model_names_the_fix(tmp_path, capsys):
         "def net():\n"
         "    return nn.Sequential(nn.Flatten(), nn.Linear(48, 64), nn.ReLU(), nn.Linear(64, 3))\n")
     rng = np.random.default_rng(0)
-    np.savez(tmp_path / "d.npz", x=rng.normal(size=(30, 3, 4, 4)).astype(np.float32),
-             y=rng.integers(0, 3, 30))
+    arrays = {"x": rng.normal(size=(rows, 3, 4, 4)).astype(np.float32)}
+    if labels:
+        arrays["y"] = rng.integers(0, 3, rows)
+    np.savez(tmp_path / "d.npz", **arrays)
+
+
+def test_eval_of_a_file_factory_model_names_the_fix(tmp_path, capsys):
+    _file_model_and_npz(tmp_path, 30, labels=True)
     spec, out = f"{tmp_path / 'net.py'}:net", str(tmp_path / "n.nsk")
     assert main(["compress", "--model", spec, "--data", f"npz:{tmp_path / 'd.npz'}",
                  "--target", "8bit", "--min-weights", "0", "-o", out]) == 0
@@ -208,14 +216,7 @@ def test_calibration_flags_checked_before_work(argv, words, capsys, tmp_path):
 
 
 def test_compress_calibrates_on_request_and_not_when_off(tmp_path, capsys):
-    import numpy as np
-
-    (tmp_path / "net.py").write_text(
-        "from torch import nn\n"
-        "def net():\n"
-        "    return nn.Sequential(nn.Flatten(), nn.Linear(48, 64), nn.ReLU(), nn.Linear(64, 3))\n")
-    rng = np.random.default_rng(0)
-    np.savez(tmp_path / "d.npz", x=rng.normal(size=(40, 3, 4, 4)).astype(np.float32))
+    _file_model_and_npz(tmp_path, 40, labels=False)
     base = ["compress", "--model", f"{tmp_path / 'net.py'}:net", "--data",
             f"npz:{tmp_path / 'd.npz'}", "--target", "2bit", "--min-weights", "0"]
     assert main([*base, "--calibrate", "on", "--calibration-samples", "16",
