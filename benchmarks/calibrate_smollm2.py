@@ -20,7 +20,6 @@ import argparse
 import json
 import logging
 import os
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from torch import nn
 
 import netshrink
 from netshrink_lab.pretrained import is_calibration_document, local_documents, smollm2
+from netshrink_lab.results import write_result
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -130,14 +130,9 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             del small
             result["runs"] = rows  # written after every run: a partial run leaves its rows
-            RESULTS.mkdir(exist_ok=True)
-            (RESULTS / args.out).write_text(json.dumps(result, indent=2) + "\n")
+            write_result(RESULTS, args.out, result)
     result["runs"] = rows
-    result["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-                                   2)
-    result["load_average_end"] = os.getloadavg()
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_result(RESULTS, args.out, result, finished=True)
     print(json.dumps(result, indent=2))
 
 

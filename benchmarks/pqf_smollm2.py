@@ -30,7 +30,6 @@ import json
 import logging
 import math
 import os
-import resource
 import tempfile
 import time
 from collections.abc import Callable
@@ -42,6 +41,7 @@ from torch import nn
 
 import netshrink
 from netshrink_lab.pretrained import LICENSES, local_text, smollm2
+from netshrink_lab.results import write_result
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -204,11 +204,7 @@ def main() -> None:
             "pqf": round(perplexity(small, windows), 4),
         }
         result["perplexity_s"] = round(time.perf_counter() - start, 1)
-    result["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-                                   2)
-    result["load_average_end"] = os.getloadavg()
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_result(RESULTS, args.out, result, finished=True)
     print(json.dumps(result, indent=2))
 
 
